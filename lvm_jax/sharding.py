@@ -1,0 +1,171 @@
+"""Meshes, logical-axis rules and host -> global array helpers.
+
+Every parameter and key activation in lvm_jax carries *logical* axis names
+(`embed`, `mlp`, `heads`, ...). One table, `LOGICAL_RULES`, maps them onto the
+three mesh axes `('data', 'fsdp', 'tensor')`. A mesh axis of size 1 makes its
+rules no-ops, so data-parallel, FSDP and tensor-parallel are mesh shapes in the
+config (`config.mesh = dict(data=-1, fsdp=1, tensor=1)`), never code changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lvm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch is split over every axis that holds a different slice of the data.
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axis (or axes). Params and activations use distinct
+# names for the model width: FSDP shards the *parameter* `embed` dimension while
+# activations keep it whole (they are already split along `batch`).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("proj", None),
+    ("layers", None),
+    ("patch", None),
+    ("prototypes", "tensor"),
+)
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize` when this process is one of several.
+
+    TPU pods and SLURM clusters are auto-detected by JAX; elsewhere set
+    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
+    Must run before any other JAX call touches the devices.
+    """
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
+
+
+def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Turns `dict(data=-1, fsdp=2, tensor=1)` into concrete sizes for `num_devices`.
+
+    At most one axis may be -1 ("the rest of the devices").
+    """
+    unknown = set(mesh_cfg) - set(MESH_AXES)
+    if unknown:
+        raise UserError(
+            f"config.mesh has unknown axes {sorted(unknown)}; use only {list(MESH_AXES)}."
+        )
+    sizes = [int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise UserError(f"config.mesh={dict(mesh_cfg)} has more than one -1; give all but one axis a size.")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise UserError(f"config.mesh={dict(mesh_cfg)} has a size that is not positive or -1.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise UserError(
+                f"config.mesh={dict(mesh_cfg)} needs a multiple of {known} devices but {num_devices} are "
+                "available; change the fixed axis sizes."
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    total = int(np.prod(sizes))
+    if total > num_devices:
+        raise UserError(
+            f"config.mesh={dict(mesh_cfg)} needs {total} devices but only {num_devices} are available; "
+            "shrink the mesh or use -1 for one axis."
+        )
+    if total < num_devices:
+        raise UserError(
+            f"config.mesh={dict(mesh_cfg)} uses {total} of the {num_devices} devices; "
+            "make the mesh cover all devices (use -1 for one axis)."
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices: list[Any] | None = None) -> Mesh:
+    """Builds a `('data', 'fsdp', 'tensor')` mesh over `devices` (default: all)."""
+    devices = list(jax.devices()) if devices is None else list(devices)
+    shape = resolve_mesh_shape(dict(mesh_cfg or {"data": -1}), len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # non-TPU topologies that mesh_utils cannot lay out
+        grid = np.asarray(devices).reshape(shape)
+    axis_types = getattr(jax.sharding, "AxisType", None)
+    if axis_types is not None:
+        return Mesh(grid, MESH_AXES, axis_types=(axis_types.Auto,) * len(MESH_AXES))
+    return Mesh(grid, MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of distinct batch slices: the product of the batch mesh axes."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = "config.batch_size") -> int:
+    """Returns the per-process batch; raises if the batch does not split evenly."""
+    dp = data_parallel_size(mesh)
+    if global_batch % dp:
+        raise UserError(
+            f"{what}={global_batch} is not divisible by the data-parallel size {dp} "
+            f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+            f"use a multiple of {dp}."
+        )
+    if global_batch % jax.process_count():
+        raise UserError(
+            f"{what}={global_batch} is not divisible by the {jax.process_count()} processes; "
+            f"use a multiple of {jax.process_count()}."
+        )
+    return global_batch // jax.process_count()
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over ('data', 'fsdp'); other dims whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """Maps a tree with `nn.LogicallyPartitioned` leaves (e.g. from `jax.eval_shape(init)`)
+    to `NamedSharding`s; unannotated leaves are replicated. Output has the unboxed structure."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch `{k: [B_local, ...]}` -> global arrays `[B, ...]` sharded on batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def axis_rules():
+    """Context manager installing LOGICAL_RULES for `nn.with_logical_constraint` inside traced code."""
+    return nn.logical_axis_rules(LOGICAL_RULES)
