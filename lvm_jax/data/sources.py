@@ -1,0 +1,252 @@
+"""Random-access data sources (grain ``RandomAccessDataSource``: len + getitem).
+
+``build_source(data_cfg, split)`` looks ``data_cfg.source`` up in ``SOURCES``,
+a dict ``name -> factory(data_cfg, split)``.  A new source registers itself
+with ``register_source``; a module ``lvm_jax/data/<name>.py`` that does so at
+import time is found automatically the first time ``source=<name>`` is used.
+
+Records are dicts: ``image`` (uint8 [H, W, 3] or encoded bytes), ``label``
+(int), ``id`` (int), plus ``caption`` (str) where the source has one.
+Labelled sources expose ``num_classes`` and ``class_names``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from lvm_jax.data.synthetic import SyntheticShapes
+
+SourceFactory = Callable[[Any, str], Any]
+SOURCES: dict[str, SourceFactory] = {}
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def register_source(name: str, factory: SourceFactory) -> SourceFactory:
+  """Adds `factory(data_cfg, split) -> source` under `name` (usable as a decorator arg)."""
+  SOURCES[name] = factory
+  return factory
+
+
+def build_source(data_cfg, split: str = "train"):
+  """The data source named by ``data_cfg.source`` for split 'train' or 'eval'."""
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+  name = data_cfg.get("source", "synthetic") or "synthetic"
+  if name not in SOURCES:
+    try:  # convention: lvm_jax/data/<name>.py registers itself on import
+      importlib.import_module(f"lvm_jax.data.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"lvm_jax.data.{name}":
+        raise
+  if name not in SOURCES:
+    raise ValueError(f"unknown data.source {name!r}; choose one of {sorted(SOURCES)}.")
+  return SOURCES[name](data_cfg, split)
+
+
+# ----------------------------------------------------------------------------
+# synthetic
+# ----------------------------------------------------------------------------
+def _synthetic(data_cfg, split: str) -> SyntheticShapes:
+  syn = data_cfg.get("synthetic", None) or {}
+  get = syn.get
+  num = get("num_train", 50_000) if split == "train" else get("num_eval", 10_000)
+  return SyntheticShapes(
+      num_records=int(num),
+      seed=int(get("seed", 0)),
+      split=split,
+      image_size=int(get("image_size", None) or data_cfg.get("image_size", 32) or 32),
+      num_classes=int(get("num_classes", 10)),
+      cache=bool(get("cache", True)),
+  )
+
+
+register_source("synthetic", _synthetic)
+
+
+# ----------------------------------------------------------------------------
+# folder: root/<class>/*.jpg (ImageNet style)
+# ----------------------------------------------------------------------------
+_FOLDER_LAYOUT = ("an image folder laid out as root/<class>/*.jpg, or root/train/<class>/*.jpg "
+                  "plus root/val/<class>/*.jpg")
+
+
+def _list_images(class_dir: str) -> list[str]:
+  files = []
+  for dirpath, _, names in os.walk(class_dir, followlinks=True):
+    files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+  return sorted(files)
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list[list[str]]]:
+  """Class names (sorted sub-folders of root) and the image paths of each class."""
+  if not os.path.isdir(root):
+    raise ValueError(f"image folder {root!r} does not exist; set data.path to {_FOLDER_LAYOUT}.")
+  classes = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  if not classes:
+    raise ValueError(f"image folder {root!r} has no class sub-folders; expected {_FOLDER_LAYOUT}.")
+  files = [_list_images(os.path.join(root, c)) for c in classes]
+  if not any(files):
+    raise ValueError(f"image folder {root!r} has class folders {classes[:5]} but no images "
+                     f"with extensions {IMAGE_EXTENSIONS}; expected {_FOLDER_LAYOUT}.")
+  return classes, files
+
+
+class ImageFolder:
+  """Encoded images with integer labels; records carry bytes, decoded by the transforms.
+
+  Records: ``dict(image=bytes, label=int, id=int, path=str)``.
+  """
+
+  def __init__(self, paths: list[str], labels: list[int], class_names: list[str], root: str = ""):
+    if not paths:
+      raise ValueError(f"image folder {root!r} yields an empty split; add images or lower "
+                       "data.holdout_fraction.")
+    self.paths = list(paths)
+    self.labels = np.asarray(labels, np.int64)
+    self.class_names = tuple(class_names)
+    self.num_classes = len(class_names)
+    self.root = root
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __repr__(self) -> str:
+    return f"ImageFolder(root={self.root!r}, records={len(self)}, classes={self.num_classes})"
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = self.paths[index]
+    with open(path, "rb") as f:
+      data = f.read()
+    return dict(image=data, label=int(self.labels[index]), id=int(index), path=path)
+
+
+def _split_dirs(root: str) -> tuple[str, str] | None:
+  train = os.path.join(root, "train")
+  for name in ("val", "eval", "validation"):
+    if os.path.isdir(train) and os.path.isdir(os.path.join(root, name)):
+      return train, os.path.join(root, name)
+  return None
+
+
+def holdout_split(files_per_class: list[list[str]], fraction: float, seed: int = 0
+                  ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+  """Stratified fixed-seed hold-out: ~fraction of each class (>= 1 image when the
+  class has >= 2) goes to eval.  Returns (train, eval) lists of (path, label)."""
+  if not 0 < fraction < 1:
+    raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}.")
+  rng = np.random.default_rng(seed)
+  train, held = [], []
+  for label, files in enumerate(files_per_class):
+    order = rng.permutation(len(files))
+    n_eval = int(round(fraction * len(files)))
+    if len(files) >= 2:
+      n_eval = min(max(n_eval, 1), len(files) - 1)
+    else:
+      n_eval = 0
+    held += [(files[i], label) for i in sorted(order[:n_eval])]
+    train += [(files[i], label) for i in sorted(order[n_eval:])]
+  return train, held
+
+
+def build_image_folder(root: str, split: str, holdout_fraction: float = 0.1,
+                       holdout_seed: int = 0) -> ImageFolder:
+  """ImageFolder for `split`, using root/train + root/val when present, else a hold-out."""
+  if not root:
+    raise ValueError(f"data.path is empty; set it to {_FOLDER_LAYOUT}.")
+  root = os.path.expanduser(root)
+  dirs = _split_dirs(root) if os.path.isdir(root) else None
+  if dirs is not None:
+    classes, files = scan_image_folder(dirs[0])
+    if split == "train":
+      pairs = [(p, i) for i, fs in enumerate(files) for p in fs]
+    else:
+      eval_classes, eval_files = scan_image_folder(dirs[1])
+      unknown = sorted(set(eval_classes) - set(classes))
+      if unknown:
+        raise ValueError(f"eval folder {dirs[1]!r} has classes missing from {dirs[0]!r}: "
+                         f"{unknown[:5]}; both splits must use the same class folders.")
+      index = {c: i for i, c in enumerate(classes)}
+      pairs = [(p, index[c]) for c, fs in zip(eval_classes, eval_files) for p in fs]
+    return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes,
+                       dirs[0] if split == "train" else dirs[1])
+  classes, files = scan_image_folder(root)
+  train, held = holdout_split(files, holdout_fraction, holdout_seed)
+  pairs = train if split == "train" else held
+  return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes, root)
+
+
+def _folder(data_cfg, split: str) -> ImageFolder:
+  return build_image_folder(data_cfg.get("path", "") or "", split,
+                            float(data_cfg.get("holdout_fraction", 0.1) or 0.1),
+                            int(data_cfg.get("holdout_seed", 0) or 0))
+
+
+register_source("folder", _folder)
+
+
+# ----------------------------------------------------------------------------
+# tfds: prepared array_record data sets, read without TensorFlow
+# ----------------------------------------------------------------------------
+class TfdsSource:
+  """Wraps ``tfds.data_source`` records into ``dict(image, label, id)``."""
+
+  def __init__(self, source, image_key: str = "image", label_key: str = "label",
+               class_names: tuple[str, ...] = ()):
+    self._source = source
+    self.image_key, self.label_key = image_key, label_key
+    self.class_names = tuple(class_names)
+    self.num_classes = len(class_names)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self._source!r})"
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ex = self._source[index]
+    return dict(image=ex[self.image_key], label=int(ex[self.label_key]), id=int(index))
+
+
+def build_tfds(name: str, split: str, data_dir: str | None = None, image_key: str = "image",
+               label_key: str = "label") -> TfdsSource:
+  """`tfds.data_source(name, split)` from local array_record files (no TensorFlow, no download)."""
+  import tensorflow_datasets as tfds
+
+  if not name:
+    raise ValueError("data.name is empty; set it to a TFDS data set name, e.g. 'imagenette'.")
+  how = (f"prepare it once with TensorFlow installed: `tfds build {name} --file_format=array_record"
+         + (f" --data_dir={data_dir}`" if data_dir else "`")
+         + " (or tfds.builder(name, data_dir=...).download_and_prepare(file_format='array_record')).")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # unknown name, broken registry, ...
+    raise ValueError(f"TFDS data set {name!r} is not available ({type(e).__name__}: {e}); {how}") from e
+  if not builder.is_prepared():
+    raise ValueError(f"TFDS data set {name!r} is not prepared in "
+                     f"{data_dir or tfds.core.constants.DATA_DIR!r}; {how}")
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                              download=False)
+  except Exception as e:
+    raise ValueError(f"cannot open TFDS {name!r} split {split!r} as a random-access source "
+                     f"({type(e).__name__}: {e}); it must be stored as array_record: {how}") from e
+  label = builder.info.features[label_key] if label_key in builder.info.features else None
+  names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
+  return TfdsSource(source, image_key, label_key, names)
+
+
+def _tfds(data_cfg, split: str) -> TfdsSource:
+  tfds_split = data_cfg.get("train_split", "train") if split == "train" else data_cfg.get(
+      "eval_split", "validation")
+  return build_tfds(data_cfg.get("name", "") or "", tfds_split, data_cfg.get("path", None) or None,
+                    data_cfg.get("image_key", "image") or "image",
+                    data_cfg.get("label_key", "label") or "label")
+
+
+register_source("tfds", _tfds)
