@@ -169,3 +169,42 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 def axis_rules():
     """Context manager installing LOGICAL_RULES for `nn.with_logical_constraint` inside traced code."""
     return nn.logical_axis_rules(LOGICAL_RULES)
+
+
+def mesh_context(mesh: Mesh):
+    """Context that makes `mesh` (and LOGICAL_RULES) visible to traced code.
+
+    Needed so `nn.with_logical_constraint` inside models resolves to mesh axes.
+    """
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh)
+    stack.enter_context(axis_rules())
+    return stack
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a TrainState whose `params`/`extra` hold logically-annotated (boxed) leaves.
+
+    Optimizer-state leaves that mirror params (Adam moments) get the params' shardings
+    (found with `optax.tree_map_params`); everything else is replicated.
+    """
+    import optax
+
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    param_specs = nn.get_partition_spec(abstract_state.params)
+    unboxed_params = nn.meta.unbox(abstract_state.params)
+    opt_specs = optax.tree_map_params(
+        abstract_state.tx,
+        lambda _, spec: spec,
+        abstract_state.opt_state,
+        param_specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=is_spec,
+    )
+    del unboxed_params
+    specs = abstract_state.replace(
+        step=P(), rng=P(), params=param_specs, opt_state=opt_specs,
+        extra=nn.get_partition_spec(abstract_state.extra))
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)

@@ -1,0 +1,62 @@
+"""Orbax checkpoints of the whole TrainState plus the data iterator's position.
+
+Saving the grain iterator state next to the params is what makes a resumed run
+see exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import grain.python as grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """`DIR/checkpoints/<step>/{state,data}`; async saves, keeps the newest `keep`."""
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.PyGrainCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any | None = None, force: bool = False) -> bool:
+        """Starts an (async) save of `state` and the iterator position; returns whether it saved."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
+        """Restores into the shapes/shardings of `abstract_state` (a tree of ShapeDtypeStruct)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying `shardings`, the restore target for `tree`'s shapes."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

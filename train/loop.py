@@ -1,0 +1,262 @@
+"""The one training loop: init sharded state, restore, step, log, eval, save.
+
+Reads top to bottom in labelled sections. Everything task-specific lives in
+`train/tasks/<task>.py`; this file only moves batches, state and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from lvm_jax import data as lvm_data
+from lvm_jax import sharding
+from lvm_jax.checkpoint import Checkpointer
+from lvm_jax.config import config_to_json
+from lvm_jax.errors import UserError
+from train.tasks import get_task
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (save, then exit 0)."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside some test runners)
+            pass
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _to_float(tree: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+    if config.get("total_steps"):
+        return int(config.total_steps)
+    if config.get("total_epochs"):
+        return max(1, int(math.ceil(config.total_epochs * num_train / config.batch_size)))
+    raise UserError("Set config.total_steps or config.total_epochs.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Runs (or resumes) training in `workdir`; returns the final eval metrics."""
+    workdir = pathlib.Path(workdir)
+    is_main = jax.process_index() == 0
+
+    # --- Workdir and mesh --------------------------------------------------------------------
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config_to_json(config))
+    mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
+    local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
+    task = get_task(config, mesh)
+
+    # --- Data ----------------------------------------------------------------------------------
+    train_source = task.train_source()
+    total_steps = resolve_total_steps(config, len(train_source))
+    loader = lvm_data.make_loader(
+        train_source, task.train_transforms(), batch_size=local_batch, shuffle=True,
+        seed=int(config.get("seed", 0)), num_epochs=None,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        worker_count=int(config.data.get("worker_count", 0)), drop_remainder=True)
+    train_iter = iter(loader)
+    task.total_steps = total_steps
+
+    # --- State: created already sharded, or restored -------------------------------------------
+    rng = jax.random.PRNGKey(int(config.get("seed", 0)))
+    # Init is traced outside the mesh context: the boxes only record logical names, and
+    # jit's out_shardings place every leaf (flax's flat DenseGeneral init cannot take
+    # sharding constraints on its 2-D temporary kernel).
+    abstract, state_shardings = abstract_state(task, mesh, rng)
+    state = None
+    with sharding.mesh_context(mesh):
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=int(config.get("keep_checkpoints", 3)))
+        start_step = checkpointer.latest_step()
+        if start_step is None:
+            state = create_state(task, state_shardings, rng)
+            start_step = 0
+            if config.get("init_from"):
+                state = task.load_pretrained(state, config.init_from)
+        else:
+            state = checkpointer.restore(start_step, restore_target(abstract, state_shardings), train_iter)
+            if is_main:
+                print(f"Resumed from {checkpointer.directory}/{start_step}")
+
+        # --- Compiled step ---------------------------------------------------------------------
+        first = next(train_iter)
+        train_step = compile_train_step(task, state_shardings, first, mesh)
+
+        # --- Loop ------------------------------------------------------------------------------
+        preempt = _Preemption()
+        log_every = int(config.get("log_every", 50))
+        eval_every = int(config.get("eval_every", 0)) or total_steps
+        ckpt_every = int(config.get("ckpt_every", 0)) or total_steps
+        metrics_file = workdir / "metrics.jsonl"
+        history: list[dict[str, float]] = []
+        eval_metrics: dict[str, float] = {}
+
+        def run_eval(step: int) -> dict[str, float]:
+            result = task.evaluate(state, step)
+            if result and is_main:
+                record = {"step": step, **result}
+                _write_json(workdir / "eval" / f"step_{step:08d}.json", record)
+                _write_json(workdir / "eval" / "latest.json", record)
+                tqdm.write("eval " + " ".join(f"{k}={v:.4f}" for k, v in result.items()) + f" (step {step})")
+            return result
+
+        if start_step == 0:
+            eval_metrics = run_eval(0)
+
+        bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc=f"{task.name}",
+                   unit="step", dynamic_ncols=True)
+        last_time, last_step = time.perf_counter(), start_step
+        last_saved = start_step
+        batch = first
+        step = start_step
+        while step < total_steps:
+            if batch is None:
+                batch = next(train_iter)
+            global_batch = sharding.host_to_global(batch, mesh)
+            state, metrics = train_step(state, global_batch)
+            batch = None
+            step += 1
+            bar.update(1)
+
+            must_log = step % log_every == 0 or step == total_steps
+            must_save = step % ckpt_every == 0 or step == total_steps or preempt.requested
+            if must_log or must_save:
+                values = _to_float(metrics)
+                if not all(math.isfinite(v) for k, v in values.items() if k == "loss"):
+                    checkpointer.wait()
+                    raise UserError(
+                        f"The loss became {values.get('loss')} at step {step}; stopping and keeping the last good "
+                        f"checkpoint (step {checkpointer.latest_step()}). Lower config.optim.lr or set "
+                        "config.optim.clip_norm.")
+                now = time.perf_counter()
+                values["img_per_s"] = (step - last_step) * int(config.batch_size) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                record = {"step": step, **values}
+                history.append(record)
+                if is_main:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
+            if step % eval_every == 0 or step == total_steps:
+                eval_metrics = run_eval(step)
+            if must_save:
+                checkpointer.save(step, state, train_iter, force=True)
+                last_saved = step
+            if preempt.requested:
+                if is_main:
+                    tqdm.write(f"SIGTERM: saved checkpoint at step {last_saved}; exiting.")
+                break
+        bar.close()
+        checkpointer.close()
+
+    if is_main and history:
+        _plot_history(workdir, history)
+    return eval_metrics
+
+
+def abstract_state(task, mesh, rng: jax.Array) -> tuple[Any, Any]:
+    """(boxed abstract TrainState, its NamedShardings) without allocating anything."""
+    abstract = jax.eval_shape(task.init_state, rng)
+    return abstract, sharding.state_shardings(abstract, mesh)
+
+
+def create_state(task, state_shardings: Any, rng: jax.Array) -> Any:
+    """Initialises the TrainState directly into its shardings (no host-side full copy)."""
+    return jax.jit(lambda r: _unbox(task.init_state(r)), out_shardings=state_shardings)(rng)
+
+
+def restore_target(abstract: Any, state_shardings: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _unbox(abstract), state_shardings)
+
+
+def compile_train_step(task, state_shardings: Any, example_batch: dict[str, Any], mesh) -> Any:
+    """`task.train_step` under jit with explicit shardings and the state donated."""
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in example_batch}
+    return jax.jit(task.train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def _unbox(tree: Any) -> Any:
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def _plot_history(workdir: pathlib.Path, history: list[dict[str, float]]) -> None:
+    """DIR/plots/train.png: loss and lr over steps, and eval metrics if any."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is a nicety, never a reason to fail a run
+        return
+    evals = []
+    for f in sorted((workdir / "eval").glob("step_*.json")):
+        evals.append(json.loads(f.read_text()))
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(13 if evals else 9, 3.2))
+    axes[0].plot(steps, [h["loss"] for h in history])
+    axes[0].set(title="train loss", xlabel="step")
+    axes[1].plot(steps, [h.get("lr", np.nan) for h in history])
+    axes[1].set(title="learning rate", xlabel="step")
+    if evals:
+        keys = [k for k in evals[-1] if k != "step"]
+        for k in keys:
+            axes[2].plot([e["step"] for e in evals], [e.get(k, np.nan) for e in evals], marker="o", label=k)
+        axes[2].set(title="eval", xlabel="step")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    (workdir / "plots").mkdir(exist_ok=True)
+    fig.savefig(workdir / "plots" / "train.png", dpi=100)
+    plt.close(fig)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                        step: int | None = None) -> dict[str, float]:
+    """Restores the latest (or given) checkpoint in `workdir` and runs the task's evals."""
+    workdir = pathlib.Path(workdir)
+    mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
+    task = get_task(config, mesh)
+    task.total_steps = int(config.get("total_steps") or 1)
+    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"No checkpoint in {workdir / 'checkpoints'}; train first with lvm-train --workdir {workdir}.")
+    rng = jax.random.PRNGKey(0)
+    abstract, shardings = abstract_state(task, mesh, rng)
+    with sharding.mesh_context(mesh):
+        state = checkpointer.restore(step, restore_target(abstract, shardings))
+        result = task.evaluate(state, step)
+    checkpointer.close()
+    if jax.process_index() == 0:
+        _write_json(workdir / "eval" / f"lvm_eval_step_{step:08d}.json", {"step": step, **result})
+    return result

@@ -1,0 +1,84 @@
+"""What a task gives the loop. The loop knows nothing about ViT vs CLIP vs DINOv2."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from lvm_jax import data as lvm_data
+from lvm_jax import sharding
+from train.state import TrainState
+
+
+class Task:
+    """Base class: subclasses define the model, the transforms, init, the step and the evals.
+
+    `init_state` returns a TrainState whose `params` (and model trees in `extra`)
+    still carry logical-axis boxes; the loop derives shardings from them and
+    creates the state already sharded. `train_step` is pure and jitted by the loop.
+    """
+
+    name = "base"
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+
+    # --- data -----------------------------------------------------------------------------
+    def train_source(self):
+        return lvm_data.build_source(self.config.data, split="train")
+
+    def train_transforms(self) -> list:
+        raise NotImplementedError
+
+    # --- state and step -------------------------------------------------------------------
+    def init_state(self, rng: jax.Array) -> TrainState:
+        raise NotImplementedError
+
+    def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    # --- evaluation -----------------------------------------------------------------------
+    def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
+        return {}
+
+    def eval_batches(self, source, transforms: list, global_batch: int | None = None,
+                     keys: tuple[str, ...] | None = None) -> Iterator[dict[str, jax.Array]]:
+        """One pass over `source` as global batches with a `valid` mask `[B]` for the padding.
+
+        Every process yields the same number of batches (padding with empty ones), so
+        collective evals never hang on uneven shards.
+        """
+        global_batch = global_batch or int(self.config.get("eval_batch_size", self.config.batch_size))
+        local_batch = sharding.check_batch_size(global_batch, self.mesh, "config.eval_batch_size")
+        loader = lvm_data.make_loader(
+            source, transforms, batch_size=local_batch, shuffle=False, seed=0, num_epochs=1,
+            shard_index=jax.process_index(), shard_count=jax.process_count(),
+            worker_count=int(self.config.data.get("eval_worker_count", 0)), drop_remainder=False)
+        per_process = -(-len(source) // jax.process_count())
+        num_batches = -(-per_process // local_batch)
+        iterator = iter(loader)
+        template = None
+        for _ in range(num_batches):
+            batch = next(iterator, None)
+            if batch is None:  # this process's shard ran out first: an all-padding batch
+                batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
+            template = template or batch
+            if keys is not None:
+                batch = {k: batch[k] for k in keys}
+            n = len(next(iter(batch.values())))
+            pad = local_batch - n
+            padded = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) if pad else v
+                      for k, v in batch.items()}
+            padded["valid"] = np.arange(local_batch) < n
+            yield sharding.host_to_global(padded, self.mesh)
+
+
+def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(valid, x, 0)) / jnp.maximum(jnp.sum(valid), 1)
