@@ -1,0 +1,423 @@
+"""Transformer building blocks shared by the ViT, the CLIP text tower and DINOv2.
+
+Every parameter carries logical axis names (see lvm_jax/sharding.py) so the
+same module shards as data-parallel, FSDP or tensor-parallel by config only.
+Attention projections keep heads as their own axis (`[embed, heads, kv]`) so
+tensor parallelism splits heads without reshapes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvm_jax.models.pos_embed import posemb_sincos_2d, resample_pos_embed  # noqa: F401 (re-export)
+
+Array = jax.Array
+Dtype = Any
+
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
+REMAT_POLICIES = ("none", "full", "dots")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+
+# Dense kernels: xavier-uniform (big_vision); biases zero.
+dense_init = nn.initializers.xavier_uniform()
+zeros_init = nn.initializers.zeros
+ones_init = nn.initializers.ones
+
+
+def logical(init: Callable, names: Sequence[str | None]) -> Callable:
+  """Shorthand for nn.with_logical_partitioning."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: Array, names: Sequence[str | None]) -> Array:
+  """Logical sharding constraint on an activation (no-op without a mesh/rules)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """'gelu' is the exact erf GELU (torch nn.GELU default); 'quick_gelu' is OpenAI CLIP's."""
+  if name == "gelu":
+    return lambda x: nn.gelu(x, approximate=False)
+  if name == "gelu_tanh":
+    return lambda x: nn.gelu(x, approximate=True)
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "relu":
+    return nn.relu
+  if name == "silu":
+    return nn.silu
+  raise ValueError(f"Unknown activation {name!r}; choose one of {ACTIVATIONS}.")
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  # use_fast_variance=False: E[(x-mu)^2] like torch, not E[x^2]-mu^2.
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+                      scale_init=logical(ones_init, ("embed",)),
+                      bias_init=logical(zeros_init, ("embed",)), name=name)
+
+
+# --- attention ----------------------------------------------------------------
+
+def _resolve_impl(impl: str, dtype: Dtype) -> str:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"Unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}.")
+  if impl == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if (jax.default_backend() == "gpu" and half) else "xla"
+  return impl
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
+                          causal: bool = False, impl: str = "xla") -> Array:
+  """Scaled dot-product attention on `[B, T, N, H]` q and `[B, S, N, H]` k/v.
+
+  mask: bool, broadcastable to `[B, N, T, S]`, True = may attend.
+  impl: 'xla' | 'cudnn' | 'auto' | 'splash' (Pallas TPU kernel; CPU runs it in
+  interpret mode).
+  """
+  impl = _resolve_impl(impl, q.dtype)
+  if impl == "splash":
+    from lvm_jax.models import splash  # local import: Pallas is only needed here
+    return splash.splash_attention(q, k, v, mask=mask, causal=causal)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+  if q.dtype == jnp.float64:
+    # jax.nn's XLA path runs the softmax in float32; keep float64 exact (gradient checks).
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    if causal:
+      mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) & (True if mask is None else mask)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+
+
+class MultiDense(nn.Module):
+  """Dense layer contracting the last `num_in` input dims into `features` (a tuple).
+
+  Same params as `nn.DenseGeneral` (`kernel [*in, *features]`, `bias [*features]`),
+  but the kernel is created in its final N-d shape, so its logical-axis names
+  (`names`) apply at init — DenseGeneral inits a flattened 2-D kernel, which
+  breaks sharding constraints under jit with explicit out_shardings.
+  """
+  features: tuple[int, ...]
+  num_in: int
+  names: tuple[str | None, ...]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[-self.num_in:]
+    n_in = len(in_shape)
+    kernel_shape = tuple(in_shape) + tuple(self.features)
+    init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)),
+                                          out_axis=tuple(range(n_in, len(kernel_shape))))
+    kernel = self.param("kernel", logical(init, self.names), kernel_shape, self.param_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical(zeros_init, self.names[n_in:]), tuple(self.features),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Multi-head attention with separate q/k/v projections.
+
+  Params: query/key/value `kernel [embed, heads, kv]`, `bias [heads, kv]`;
+  out `kernel [heads, kv, embed]`, `bias [embed]`.
+  """
+  num_heads: int
+  head_dim: int | None = None  # default: width // num_heads
+  out_features: int | None = None  # default: width of inputs_q
+  qkv_bias: bool = True
+  out_bias: bool = True
+  attention_impl: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, mask: Array | None = None,
+               causal: bool = False) -> Array:
+    """inputs_q `[B, T, D]`, inputs_kv `[B, S, D]` (default: self-attention) -> `[B, T, D_out]`.
+
+    mask: bool broadcastable to `[B, heads, T, S]` (True = attend); causal adds
+    a lower-triangular mask (CLIP text tower).
+    """
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    width = inputs_q.shape[-1]
+    if self.head_dim is None and width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}; "
+                       "change one of them or set head_dim.")
+    head_dim = self.head_dim or width // self.num_heads
+    proj = lambda name, x: MultiDense(
+        (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), use_bias=self.qkv_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+    q = proj("query", inputs_q)
+    k = proj("key", inputs_kv)
+    v = proj("value", inputs_kv)
+    names = ("batch", "length", "act_heads", "act_kv")
+    q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
+    x = dot_product_attention(q, k, v, mask=mask, causal=causal, impl=self.attention_impl)
+    x = constrain(x, names)
+    out = MultiDense((self.out_features or width,), 2, ("heads", "kv", "embed"), use_bias=self.out_bias,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
+    return constrain(out, ("batch", "length", "act_embed"))
+
+
+# --- feed-forward -------------------------------------------------------------
+
+class Mlp(nn.Module):
+  """Dense(mlp_dim) -> act -> dropout -> Dense(width). Params `fc1 [embed, mlp]`, `fc2 [mlp, embed]`."""
+  mlp_dim: int
+  act: str = "gelu"
+  dropout_rate: float = 0.0
+  out_features: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """`[B, L, D]` -> `[B, L, out_features or D]`."""
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=logical(dense_init, ("embed", "mlp")),
+                 bias_init=logical(zeros_init, ("mlp",)), name="fc1")(x)
+    x = constrain(activation(self.act)(x), ("batch", "length", "act_mlp"))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = nn.Dense(self.out_features or width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=logical(dense_init, ("mlp", "embed")),
+                 bias_init=logical(zeros_init, ("embed",)), name="fc2")(x)
+    return x
+
+
+def swiglu_hidden_dim(mlp_dim: int) -> int:
+  """DINOv2's SwiGLU width rule: int(2/3 * mlp_dim) rounded up to a multiple of 8 (6144 -> 4096)."""
+  return (int(mlp_dim * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLU(nn.Module):
+  """x -> w3(silu(w1 x) * w2 x), hidden = swiglu_hidden_dim(mlp_dim).
+
+  Params `w1`, `w2` `[embed, mlp]`, `w3 [mlp, embed]`. DINOv2's fused `w12`
+  is `concat([w1, w2], out_axis)` (first half goes through SiLU).
+  """
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  out_features: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """`[B, L, D]` -> `[B, L, out_features or D]`."""
+    width, hidden = x.shape[-1], swiglu_hidden_dim(self.mlp_dim)
+    dense = lambda name: nn.Dense(hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  kernel_init=logical(dense_init, ("embed", "mlp")),
+                                  bias_init=logical(zeros_init, ("mlp",)), name=name)
+    h = nn.silu(dense("w1")(x)) * dense("w2")(x)
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    return nn.Dense(self.out_features or width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=logical(dense_init, ("mlp", "embed")),
+                    bias_init=logical(zeros_init, ("embed",)), name="w3")(h)
+
+
+class LayerScale(nn.Module):
+  """Per-channel scale `x * scale` (CaiT / DINOv2), param `scale [embed]`."""
+  init_value: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", logical(nn.initializers.constant(self.init_value), ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    return x * scale.astype(x.dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zero the residual branch per sample with prob `rate`, rescale the rest.
+
+  `rate` may be a traced scalar (scanned layers carry one rate per layer).
+  Uses the 'dropout' rng.
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, rate: float | Array, train: bool = False) -> Array:
+    if not train or (isinstance(rate, (int, float)) and rate == 0.0):
+      return x
+    keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
+    return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
+
+
+# --- encoder ------------------------------------------------------------------
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + ls1(attn(norm1 x)); x + ls2(ffn(norm2 x)).
+
+  Submodules: norm1, attn, ls1 (if layerscale_init), norm2, mlp, ls2.
+  """
+  num_heads: int
+  mlp_dim: int
+  ffn: str = "mlp"  # 'mlp' | 'swiglu'
+  act: str = "gelu"
+  qkv_bias: bool = True
+  layerscale_init: float | None = None
+  norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  use_drop_path: bool = False  # static switch; the rate itself is a call argument
+  attention_impl: str = "xla"
+  causal: bool = False
+  train: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, attn_mask: Array | None = None,
+               drop_path_rate: float | Array = 0.0) -> Array:
+    """`[B, L, D]` -> `[B, L, D]`."""
+    x = constrain(x, ("batch", "length", "act_embed"))
+    norm = lambda name: layer_norm(self.norm_eps, self.dtype, self.param_dtype, name)
+    drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not self.train)
+
+    def residual(y: Array, ls_name: str) -> Array:
+      if self.layerscale_init is not None:
+        y = LayerScale(self.layerscale_init, self.param_dtype, name=ls_name)(y)
+      if self.use_drop_path:
+        y = DropPath()(y, drop_path_rate, self.train)
+      return y
+
+    y = Attention(self.num_heads, qkv_bias=self.qkv_bias, attention_impl=self.attention_impl,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+                      norm("norm1")(x), mask=attn_mask, causal=self.causal)
+    x = x + residual(drop(y), "ls1")
+    if self.ffn == "mlp":
+      ffn = Mlp(self.mlp_dim, self.act, self.dropout_rate, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="mlp")
+    elif self.ffn == "swiglu":
+      ffn = SwiGLU(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="mlp")
+    else:
+      raise ValueError(f"Unknown ffn {self.ffn!r}; choose 'mlp' or 'swiglu'.")
+    y = ffn(norm("norm2")(x), train=self.train)
+    x = x + residual(drop(y), "ls2")
+    return constrain(x, ("batch", "length", "act_embed"))
+
+
+def _remat_policy(name: str):
+  if name == "full":
+    return None  # save nothing, recompute everything
+  if name == "dots":
+    return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+  raise ValueError(f"Unknown remat {name!r}; choose one of {REMAT_POLICIES}.")
+
+
+def drop_path_rates(rate: float, depth: int, uniform: bool = False) -> np.ndarray:
+  """Per-block stochastic-depth rates: uniform, or linear 0 -> rate over depth (timm/DINOv2)."""
+  if uniform:
+    return np.full((depth,), rate, np.float32)
+  return np.linspace(0.0, rate, depth, dtype=np.float32)
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` EncoderBlocks (no final norm: the caller owns it).
+
+  Params: `blocks_{i}` per block, or with scan_layers one `blocks` subtree whose
+  leaves have a leading 'layers' axis of size depth (same numerics).
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  ffn: str = "mlp"
+  act: str = "gelu"
+  qkv_bias: bool = True
+  layerscale_init: float | None = None
+  norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  drop_path_uniform: bool = False
+  attention_impl: str = "xla"
+  remat: str = "none"  # 'none' | 'full' | 'dots'
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, attn_mask: Array | None = None,
+               causal: bool = False, return_layers: Sequence[int] = ()) -> tuple[Array, list[Array]]:
+    """x `[B, L, D]` -> (x `[B, L, D]`, [outputs `[B, L, D]` of blocks in return_layers]).
+
+    return_layers: block indices (negative counts from the end), outputs
+    un-normalised. attn_mask: bool broadcastable to `[B, heads, L, L]`.
+    """
+    wanted = [i + self.depth if i < 0 else i for i in return_layers]
+    if any(not 0 <= i < self.depth for i in wanted):
+      raise ValueError(f"return_layers {tuple(return_layers)} out of range for depth {self.depth}.")
+    rates = drop_path_rates(self.drop_path_rate, self.depth, self.drop_path_uniform)
+    block_cls = EncoderBlock
+    if self.remat != "none":
+      block_cls = nn.remat(block_cls, policy=_remat_policy(self.remat),
+                           prevent_cse=not self.scan_layers)
+    block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, ffn=self.ffn, act=self.act,
+                    qkv_bias=self.qkv_bias, layerscale_init=self.layerscale_init,
+                    norm_eps=self.norm_eps, dropout_rate=self.dropout_rate,
+                    use_drop_path=self.drop_path_rate > 0, attention_impl=self.attention_impl,
+                    causal=causal, train=train, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    if not self.scan_layers:
+      outs = []
+      for i in range(self.depth):
+        x = block_cls(**block_kw, name=f"blocks_{i}")(x, attn_mask, float(rates[i]))
+        outs.append(x)
+      return x, [outs[i] for i in wanted]
+
+    collect = bool(wanted)
+
+    def body(block, carry, rate, mask):
+      y = block(carry, mask, rate)
+      return y, (y if collect else None)
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(0, nn.broadcast), length=self.depth,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    x, stacked = scan(block_cls(**block_kw, name="blocks"), x, jnp.asarray(rates), attn_mask)
+    return x, [stacked[i] for i in wanted]
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling with a learned probe (big_vision).
+
+  Params: `probe [1, 1, embed]`, `attn` (Attention), `norm`, `mlp`.
+  """
+  num_heads: int
+  mlp_dim: int | None = None  # default 4 * width
+  act: str = "gelu"
+  norm_eps: float = 1e-6
+  attention_impl: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """`[B, L, D]` -> `[B, D]`."""
+    batch, width = x.shape[0], x.shape[-1]
+    probe = self.param("probe", logical(dense_init, (None, None, "embed")), (1, 1, width),
+                       self.param_dtype)
+    probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
+    x = Attention(self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="attn")(probe, x)
+    y = layer_norm(self.norm_eps, self.dtype, self.param_dtype, "norm")(x)
+    x = x + Mlp(self.mlp_dim or 4 * width, self.act, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="mlp")(y)
+    return x[:, 0]

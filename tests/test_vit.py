@@ -1,0 +1,253 @@
+"""Tests for lvm_jax.models.vit.ViT: sizes, a NumPy reference forward, options, gradients."""
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvm_jax.models import ViT
+from lvm_jax.models.pos_embed import bicubic_matrix
+
+TINY = dict(variant=None, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4, image_size=16)
+
+
+def unbox(tree):
+  return flax.linen.meta.unbox(tree)
+
+
+def n_params(model, size=224):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(unbox(shapes)))
+
+
+def perturb(params, seed=0, scale=0.05):
+  """Random non-zero values everywhere (zero-init heads/tokens would hide bugs)."""
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [np.asarray(x) + scale * rng.normal(size=x.shape).astype(np.float32)
+                                   for x in leaves])
+
+
+# --- NumPy reference forward (pre-LN ViT, erf GELU) -----------------------------------------
+
+def np_ln(x, p, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def np_block(x, p):
+  erf = np.vectorize(math.erf)
+  h = np_ln(x, p["norm1"])
+  q, k, v = (np.einsum("btd,dnh->btnh", h, p["attn"][n]["kernel"]) + p["attn"][n]["bias"]
+             for n in ("query", "key", "value"))
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
+  logits = np.exp(logits - logits.max(-1, keepdims=True))
+  attn = logits / logits.sum(-1, keepdims=True)
+  y = np.einsum("bnts,bsnh->btnh", attn, v)
+  y = np.einsum("btnh,nhd->btd", y, p["attn"]["out"]["kernel"]) + p["attn"]["out"]["bias"]
+  x = x + (y * p["ls1"]["scale"] if "ls1" in p else y)
+  h = np_ln(x, p["norm2"]) @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+  h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
+  y = h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+  return x + (y * p["ls2"]["scale"] if "ls2" in p else y)
+
+
+def np_vit(p, images, patch, depth, num_regs, grid_old=None, pool="cls"):
+  b, hh, ww, c = images.shape
+  gh, gw = hh // patch, ww // patch
+  patches = images.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
+  x = patches @ p["patch_embed"]["kernel"].reshape(-1, p["patch_embed"]["kernel"].shape[-1])
+  x = x + p["patch_embed"]["bias"]
+  pos = p["pos_embed"][0]
+  patch_pos = pos[1:]
+  if grid_old is not None and grid_old != (gh, gw):
+    # torch bicubic antialias resample (matrices are tested against torch in test_layers).
+    mh = bicubic_matrix(grid_old[0], gh, antialias=True)
+    mw = bicubic_matrix(grid_old[1], gw, antialias=True)
+    patch_pos = np.einsum("yh,hwd,xw->yxd", mh, patch_pos.reshape(*grid_old, -1), mw).reshape(gh * gw, -1)
+  x = x + patch_pos
+  cls = np.broadcast_to(p["cls_token"] + pos[:1], (b, 1, x.shape[-1]))
+  regs = np.broadcast_to(p["reg_tokens"], (b, num_regs, x.shape[-1]))
+  x = np.concatenate([cls, regs, x], axis=1)
+  for i in range(depth):
+    x = np_block(x, p["encoder"][f"blocks_{i}"])
+  x = np_ln(x, p["norm"])
+  pooled = x[:, 0] if pool == "cls" else x[:, 1 + num_regs:].mean(1)
+  return x, pooled @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.mark.parametrize("size,pool", [(16, "cls"), (24, "gap")])
+def test_forward_matches_numpy_reference(size, pool):
+  model = ViT(**TINY, num_classes=5, num_registers=2, layerscale_init=0.1, pool=pool)
+  images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  params = perturb(unbox(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"])
+  out = model.apply({"params": params}, images)
+  p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  tokens, logits = np_vit(p64, images.astype(np.float64), 4, 2, 2, grid_old=(4, 4), pool=pool)
+  np.testing.assert_allclose(out["logits"], logits, atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(out["cls"], tokens[:, 0], atol=2e-4)
+  np.testing.assert_allclose(out["registers"], tokens[:, 1:3], atol=2e-4)
+  np.testing.assert_allclose(out["patch_tokens"], tokens[:, 3:], atol=2e-4)
+
+
+# --- sizes ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,expected", [("S/16", 22.1e6), ("B/16", 86.6e6), ("L/16", 304.3e6)])
+def test_param_counts(variant, expected):
+  assert abs(n_params(ViT(variant, num_classes=1000)) - expected) / expected < 0.01
+
+
+def test_giant_swiglu_shapes():
+  model = ViT("g/14", ffn="swiglu", layerscale_init=1e-5, num_registers=4, image_size=518)
+  shapes = unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 518, 518, 3)))))
+  p = shapes["params"]
+  assert p["pos_embed"].shape == (1, 1 + 37 * 37, 1536)
+  assert p["reg_tokens"].shape == (1, 4, 1536)
+  blk = p["encoder"]["blocks_39"]
+  assert "blocks_40" not in p["encoder"]
+  assert blk["mlp"]["w1"]["kernel"].shape == (1536, 4096)  # DINOv2 w12 = [w1 | w2] -> 8192
+  assert blk["mlp"]["w3"]["kernel"].shape == (4096, 1536)
+  assert blk["attn"]["query"]["kernel"].shape == (1536, 24, 64)
+  assert blk["ls1"]["scale"].shape == (1536,)
+
+
+def test_variants_and_overrides():
+  assert ViT("So400m/14").dims() == (1152, 27, 16, 4304, (14, 14))
+  assert ViT("Ti/8", depth=3).dims() == (192, 3, 3, 768, (8, 8))
+  assert ViT(**TINY).dims() == (32, 2, 2, 64, (4, 4))
+  with pytest.raises(ValueError, match="variant"):
+    ViT("X/16").dims()
+
+
+# --- options --------------------------------------------------------------------
+
+def test_outputs_and_logical_names():
+  model = ViT(**TINY, num_registers=3, num_classes=7, rep_size=12)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)))
+  assert variables["params"]["pos_embed"].names == (None, None, "embed")
+  assert variables["params"]["patch_embed"]["kernel"].names[-1] == "embed"
+  assert variables["params"]["encoder"]["blocks_0"]["attn"]["query"]["kernel"].names == ("embed", "heads", "kv")
+  for leaf in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, flax.linen.LogicallyPartitioned)):
+    assert isinstance(leaf, flax.linen.LogicallyPartitioned), "every param needs logical names"
+  out = model.apply(variables, jnp.ones((2, 16, 16, 3)), return_layers=(0, -1))
+  assert out["cls"].shape == (2, 32) and out["registers"].shape == (2, 3, 32)
+  assert out["patch_tokens"].shape == (2, 16, 32) and out["pre_logits"].shape == (2, 12)
+  assert out["logits"].shape == (2, 7) and len(out["layers"]) == 2
+  # The last requested layer, normed, is the final token output.
+  full = jnp.concatenate([out["cls"][:, None], out["registers"], out["patch_tokens"]], axis=1)
+  np.testing.assert_allclose(out["layers"][1], full, atol=1e-6)
+
+
+def test_no_class_token_map_pool_and_sincos():
+  model = ViT(**TINY, class_token=False, pool="map", pos_embed="sincos2d")
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)))
+  assert "cls_token" not in variables["params"] and "pos_embed" not in variables["params"]
+  out = model.apply(variables, jnp.ones((2, 24, 16, 3)))
+  assert out["cls"] is None and out["pooled"].shape == (2, 32) and out["patch_tokens"].shape == (2, 24, 32)
+
+
+def test_pos_embed_without_cls_slot():
+  model = ViT(**TINY, pos_embed_includes_cls=False)
+  p = unbox(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]
+  assert p["pos_embed"].shape == (1, 16, 32)
+
+
+def _embed_only(**kw):
+  """depth-0 ViT without norms: its patch_tokens are the embedded tokens themselves."""
+  cfg = dict(TINY, depth=0, final_norm=False, pos_embed="none", pool="gap")
+  cfg.update(kw)
+  return ViT(**cfg)
+
+
+def test_mask_token_replaces_exactly_masked_positions():
+  model = _embed_only(use_mask_token=True)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = perturb(unbox(model.init(jax.random.key(0), images))["params"])
+  mask = np.zeros((2, 16), bool)
+  mask[0, [1, 5, 6]] = True
+  mask[1, 15] = True
+  plain = model.apply({"params": params}, images)["patch_tokens"]
+  masked = model.apply({"params": params}, images, mask=jnp.asarray(mask))["patch_tokens"]
+  token = np.broadcast_to(params["mask_token"][0, 0], (int(mask.sum()), 32))
+  np.testing.assert_allclose(masked[mask], token, atol=1e-6)
+  np.testing.assert_allclose(masked[~mask], plain[~mask], atol=1e-6)
+  with pytest.raises(ValueError, match="mask"):
+    model.apply({"params": params}, images, mask=jnp.zeros((2, 15), bool))
+  with pytest.raises(ValueError, match="use_mask_token"):
+    _embed_only().init(jax.random.key(0), images, mask=jnp.asarray(mask))
+
+
+def test_patch_dropout_keeps_requested_count_in_order():
+  model = _embed_only(patch_dropout=0.25)
+  images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  variables = model.init(jax.random.key(0), images)
+  full = np.asarray(model.apply(variables, images)["patch_tokens"])
+  kept = np.asarray(model.apply(variables, images, train=True,
+                                rngs={"dropout": jax.random.key(1)})["patch_tokens"])
+  assert kept.shape == (3, 12, 32)
+  for b in range(3):
+    idx = [int(np.argmin(np.abs(full[b] - tok).sum(-1))) for tok in kept[b]]
+    np.testing.assert_allclose(kept[b], full[b, idx], atol=1e-6)
+    assert idx == sorted(set(idx))  # distinct, original order
+  with pytest.raises(ValueError, match="patch_dropout"):
+    _embed_only(patch_dropout=1.0).init(jax.random.key(0), images)
+
+
+def test_scan_layers_matches_unscanned():
+  model = ViT(**TINY, num_classes=3, layerscale_init=0.1)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = perturb(unbox(model.init(jax.random.key(0), images))["params"])
+  enc = dict(params["encoder"])
+  blocks = [enc.pop(f"blocks_{i}") for i in range(2)]
+  sparams = dict(params, encoder={"blocks": jax.tree.map(lambda *x: np.stack(x), *blocks)})
+  ref = model.apply({"params": params}, images, return_layers=(0,))
+  got = model.clone(scan_layers=True, remat="full").apply({"params": sparams}, images, return_layers=(0,))
+  np.testing.assert_allclose(got["logits"], ref["logits"], atol=1e-5)
+  np.testing.assert_allclose(got["layers"][0], ref["layers"][0], atol=1e-5)
+
+
+def test_train_mode_drop_path_and_dropout_need_rng_and_change_outputs():
+  model = ViT(**TINY, drop_path_rate=0.5, dropout_rate=0.1, num_classes=3, head_zero_init=False)
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  variables = model.init(jax.random.key(0), images)
+  a = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(1)})["logits"]
+  b = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(2)})["logits"]
+  assert not np.allclose(a, b)
+  e1, e2 = (model.apply(variables, images)["logits"] for _ in range(2))
+  np.testing.assert_array_equal(e1, e2)
+
+
+def test_bad_inputs_raise_clear_errors():
+  model = ViT(**TINY)
+  with pytest.raises(ValueError, match="divisible by patch size"):
+    model.init(jax.random.key(0), jnp.zeros((1, 18, 16, 3)))
+  with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+    model.init(jax.random.key(0), jnp.zeros((16, 16, 3)))
+  with pytest.raises(ValueError, match="class_token"):
+    ViT(**TINY, class_token=False).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="pool"):
+    ViT(**TINY, pool="max").init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_bfloat16_compute():
+  model = ViT(**TINY, num_classes=3, dtype=jnp.bfloat16, attention_impl="auto")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(unbox(variables)))
+  out = model.apply(variables, jnp.ones((2, 16, 16, 3)))
+  assert out["logits"].dtype == jnp.bfloat16
+
+
+def test_gradients_match_finite_differences():
+  from jax.test_util import check_grads
+  model = ViT(variant=None, width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, image_size=8,
+              num_classes=3, layerscale_init=0.5, num_registers=1)
+  with jax.enable_x64(True):
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
+    params = unbox(model.clone(param_dtype=jnp.float64).init(jax.random.key(0), images))["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
+    f64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+    loss = jax.jit(lambda p: jnp.sum(jnp.sin(f64.apply({"params": p}, images)["logits"])))
+    check_grads(loss, (params,), order=1, modes=("rev",), eps=1e-4, atol=1e-5, rtol=1e-5)
