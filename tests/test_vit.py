@@ -251,3 +251,50 @@ def test_gradients_match_finite_differences():
     f64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
     loss = jax.jit(lambda p: jnp.sum(jnp.sin(f64.apply({"params": p}, images)["logits"])))
     check_grads(loss, (params,), order=1, modes=("rev",), eps=1e-4, atol=1e-5, rtol=1e-5)
+
+
+def _timm_to_flax(sd, depth, heads):
+  """Test-local mapping of a timm VisionTransformer state dict onto our tree."""
+  t = {k: v.detach().numpy().astype(np.float32) for k, v in sd.items()}
+  width = t["cls_token"].shape[-1]
+  hd = width // heads
+  p = {"patch_embed": {"kernel": t["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+                       "bias": t["patch_embed.proj.bias"]},
+       "cls_token": t["cls_token"], "reg_tokens": t["reg_token"], "pos_embed": t["pos_embed"],
+       "norm": {"scale": t["norm.weight"], "bias": t["norm.bias"]},
+       "head": {"kernel": t["head.weight"].T, "bias": t["head.bias"]}, "encoder": {}}
+  for i in range(depth):
+    b = f"blocks.{i}."
+    qkv_w = t[b + "attn.qkv.weight"].reshape(3, heads, hd, width)
+    qkv_b = t[b + "attn.qkv.bias"].reshape(3, heads, hd)
+    attn = {n: {"kernel": qkv_w[j].transpose(2, 0, 1), "bias": qkv_b[j]}
+            for j, n in enumerate(("query", "key", "value"))}
+    attn["out"] = {"kernel": t[b + "attn.proj.weight"].T.reshape(heads, hd, width),
+                   "bias": t[b + "attn.proj.bias"]}
+    p["encoder"][f"blocks_{i}"] = {
+        "norm1": {"scale": t[b + "norm1.weight"], "bias": t[b + "norm1.bias"]},
+        "norm2": {"scale": t[b + "norm2.weight"], "bias": t[b + "norm2.bias"]},
+        "attn": attn, "ls1": {"scale": t[b + "ls1.gamma"]}, "ls2": {"scale": t[b + "ls2.gamma"]},
+        "mlp": {"fc1": {"kernel": t[b + "mlp.fc1.weight"].T, "bias": t[b + "mlp.fc1.bias"]},
+                "fc2": {"kernel": t[b + "mlp.fc2.weight"].T, "bias": t[b + "mlp.fc2.bias"]}}}
+  return p
+
+
+@pytest.mark.parametrize("size", [16, 28])
+def test_matches_timm_vision_transformer(size):
+  """Random-init timm ViT (registers, LayerScale, dynamic size -> antialiased bicubic pos-emb)."""
+  torch = pytest.importorskip("torch")
+  timm_vit = pytest.importorskip("timm.models.vision_transformer")
+  torch.manual_seed(0)
+  ref = timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                   mlp_ratio=2.0, num_classes=5, reg_tokens=2, no_embed_class=True,
+                                   init_values=0.1, dynamic_img_size=True).eval()
+  with torch.no_grad():  # timm zero-inits some params; randomise everything
+    for prm in ref.parameters():
+      prm.add_(0.05 * torch.randn_like(prm))
+  images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  model = ViT(**TINY, num_classes=5, num_registers=2, layerscale_init=0.1, pos_embed_includes_cls=False)
+  got = model.apply({"params": _timm_to_flax(ref.state_dict(), 2, 2)}, images)["logits"]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -82,8 +82,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
   """
   impl = _resolve_impl(impl, q.dtype)
   if impl == "splash":
-    from lvm_jax.models import splash  # local import: Pallas is only needed here
-    return splash.splash_attention(q, k, v, mask=mask, causal=causal)
+    return splash_attention(q, k, v, mask=mask, causal=causal)
   if mask is not None:
     mask = jnp.asarray(mask, bool)
     mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
@@ -96,6 +95,51 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+
+
+SPLASH_BLOCK = 128  # splash tiles are multiples of the 128-lane vreg width
+
+
+def splash_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
+                     causal: bool = False) -> Array:
+  """Pallas TPU splash attention on `[B, T, N, H]` q, `[B, S, N, H]` k/v -> `[B, T, N, H]`.
+
+  Lengths are zero-padded to multiples of 128; padded keys are hidden with
+  segment ids. `mask` may only be a key-padding mask broadcastable to
+  `[B, 1, 1, S]` (True = attend): splash masks are static per head, so
+  arbitrary per-example masks need impl='xla'. Off TPU the kernel runs in
+  Pallas interpret mode (slow; for tests).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas only needed here
+
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  key_ok = jnp.ones((batch, kv_len), bool)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+      raise ValueError(f"attention_impl='splash' supports only key-padding masks [B, 1, 1, S], got "
+                       f"{mask.shape}; use attention_impl='xla' for general masks.")
+    key_ok = jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
+  pad = lambda n: -n % SPLASH_BLOCK
+  q_pad, kv_pad = pad(q_len), pad(kv_len)
+  if causal and q_len != kv_len:
+    raise ValueError("causal splash attention needs equal query and key lengths; use attention_impl='xla'.")
+  # The kernel does not scale logits; heads-major layout [N, T, H] per example.
+  to_heads = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  qh = to_heads(q * (1.0 / np.sqrt(head_dim)).astype(q.dtype), q_pad)
+  kh, vh = to_heads(k, kv_pad), to_heads(v, kv_pad)
+  shape = (q_len + q_pad, kv_len + kv_pad)
+  head_mask = sa.CausalMask(shape) if causal else sa.FullMask(shape)
+  kernel = sa.make_splash_mha(sa.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1,
+                              interpret=jax.default_backend() != "tpu")
+  # Every query (padded ones too) has segment 1; padded or masked keys get 0,
+  # so no softmax row is empty.
+  q_seg = jnp.ones((batch, shape[0]), jnp.int32)
+  kv_seg = jnp.pad(key_ok.astype(jnp.int32), ((0, 0), (0, kv_pad)))
+  out = jax.vmap(lambda a, b, c, qs, ks: kernel(a, b, c, segment_ids=sa.SegmentIds(qs, ks)))(
+      qh, kh, vh, q_seg, kv_seg)
+  return out.transpose(0, 2, 1, 3)[:, :q_len].astype(q.dtype)
 
 
 class MultiDense(nn.Module):
