@@ -1,0 +1,470 @@
+"""Image-caption data sources: caption files (JSONL / CSV) and webdataset tar shards.
+
+Both are grain ``RandomAccessDataSource``s (``len`` + ``__getitem__``) whose records are
+``dict(image=bytes, caption=str, id=int, path=str)``; the image stays encoded until the
+pipeline's ``DecodeImage`` transform. ``image_keys`` names each record's image, so
+retrieval evals can group several captions of one image (``group_captions_by_image``).
+
+captions (``data.source='captions'``):
+  ``data.path`` is a ``.jsonl`` file of ``{"image": "rel/path.jpg", "caption": "..."}`` lines
+  (``caption`` may also be a list: one record per caption) or a ``.csv``/``.tsv`` file with
+  a header row (open_clip's columns ``filepath``, ``title`` by default; the separator is a
+  tab when the header holds one, else a comma). ``data.image_column`` / ``data.caption_column``
+  rename the fields; relative image paths are resolved against ``data.image_root``, default
+  the caption file's folder.
+webdataset (``data.source='webdataset'``):
+  ``data.path`` is a glob and/or brace pattern of uncompressed ``.tar`` shards in the
+  img2dataset layout (``{key}.jpg`` + ``{key}.txt`` and/or ``{key}.json`` with a "caption").
+  Each shard's member index (offsets of images, the captions) is built once when the source
+  is created — in parallel, and cached in ``data.index_dir`` when set — so any record is a
+  single positioned read.
+
+Splits: ``data.eval_path`` (same format) is the eval split; without it a fixed-seed
+``data.holdout_fraction`` of the *images* (all their captions together) is held out.
+
+Bad input (``data.decode_errors``: 'skip' (default) or 'raise'):
+- empty / whitespace-only caption: always dropped when the source is built, and counted;
+- malformed row (bad JSON, missing field), a tar sample with no image or no caption:
+  skip = dropped and counted, raise = ValueError naming the file and line / sample;
+- a shard that is truncated or not a tar file: skip = its intact samples are kept and the
+  rest counted, raise = ValueError naming the shard;
+- missing or unreadable image file (found only when read): skip = the record carries empty
+  image bytes, which ``DecodeImage(errors='skip')`` counts and drops like any undecodable
+  image; raise = ValueError naming the file;
+- text longer than the context is not a data error: the tokenizer truncates it, EOT kept.
+Counts of build-time skips are in ``source.skipped`` and logged once as a warning.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+ERROR_POLICIES = ("skip", "raise")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+_CAPTION_FIELD = "caption"  # inside img2dataset's per-sample .json
+
+log = logging.getLogger(__name__)
+
+
+def _check_policy(errors: str) -> str:
+    if errors not in ERROR_POLICIES:
+        raise ValueError(f"data.decode_errors must be one of {ERROR_POLICIES}, got {errors!r}.")
+    return errors
+
+
+def _count(skipped: dict[str, int], reason: str) -> None:
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+
+def _log_skipped(what: str, skipped: dict[str, int]) -> None:
+    if skipped:
+        details = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(skipped.items()))
+        log.warning("%s: skipped %s", what, details)
+
+
+# ------------------------------------------------------------------ caption files
+class CaptionsSource:
+    """Image file + caption pairs. Records: ``dict(image=bytes, caption=str, id=int, path=str)``."""
+
+    def __init__(self, image_paths: Sequence[str], captions: Sequence[str], errors: str = "skip",
+                 name: str = "", skipped: dict[str, int] | None = None):
+        if len(image_paths) != len(captions):
+            raise ValueError("CaptionsSource needs one caption per image path.")
+        if not image_paths:
+            raise ValueError(f"caption data {name!r} has no usable rows; check the file and its columns.")
+        self.image_paths = list(image_paths)
+        self.captions = list(captions)
+        self.errors = _check_policy(errors)
+        self.name = name
+        self.skipped = dict(skipped or {})
+        self.missing_images = 0  # per process: files found missing/unreadable at read time
+
+    @property
+    def image_keys(self) -> list[str]:
+        return self.image_paths
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __repr__(self) -> str:
+        return f"CaptionsSource({self.name!r}, records={len(self)})"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        path = self.image_paths[index]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            if self.errors == "raise":
+                raise ValueError(f"image {path!r} of caption record {index} in {self.name!r} cannot be read "
+                                 f"({type(e).__name__}); fix the path (data.image_root) or set "
+                                 "data.decode_errors='skip'.") from e
+            self.missing_images += 1
+            data = b""  # DecodeImage(errors='skip') counts and drops it
+        return dict(image=data, caption=self.captions[index], id=index, path=path)
+
+
+def _resolve(path: str, root: str) -> str:
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def read_captions_file(path: str, image_column: str | None = None, caption_column: str | None = None,
+                       image_root: str | None = None, separator: str | None = None,
+                       errors: str = "skip") -> tuple[list[str], list[str], dict[str, int]]:
+    """Parses a JSONL or CSV/TSV caption file -> (image paths, captions, skip counts).
+
+    Rows with an empty caption are dropped and counted; malformed rows are dropped and
+    counted (errors='skip') or raise ValueError naming the line (errors='raise').
+    """
+    _check_policy(errors)
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"caption file {path!r} does not exist; set data.path to a .jsonl or .csv file.")
+    root = os.path.expanduser(image_root) if image_root else os.path.dirname(os.path.abspath(path))
+    is_json = path.endswith((".jsonl", ".json"))
+    image_column = image_column or ("image" if is_json else "filepath")
+    caption_column = caption_column or ("caption" if is_json else "title")
+    paths: list[str] = []
+    captions: list[str] = []
+    skipped: dict[str, int] = {}
+
+    def bad_row(line_no: int, why: str) -> None:
+        if errors == "raise":
+            raise ValueError(f"{path}:{line_no}: {why}; fix the row or set data.decode_errors='skip' to drop it.")
+        _count(skipped, "malformed_row")
+
+    def add(line_no: int, image: Any, caption: Any) -> None:
+        if not isinstance(image, str) or not image:
+            return bad_row(line_no, f"no image path in column {image_column!r}")
+        texts = caption if isinstance(caption, list) else [caption]
+        for text in texts:
+            if not isinstance(text, str):
+                bad_row(line_no, f"caption in column {caption_column!r} is not text")
+            elif not text.strip():
+                _count(skipped, "empty_caption")
+            else:
+                paths.append(_resolve(image, root))
+                captions.append(text)
+
+    with open(path, encoding="utf-8", newline="") as f:
+        if is_json:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    bad_row(line_no, "not valid JSON")
+                    continue
+                if not isinstance(row, dict):
+                    bad_row(line_no, "not a JSON object")
+                    continue
+                add(line_no, row.get(image_column), row.get(caption_column, None) or "")
+        else:
+            header = f.readline()
+            if separator is None:
+                separator = "\t" if "\t" in header else ","
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=separator)
+            missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"caption file {path!r} has no column(s) {missing}; its columns are "
+                                 f"{reader.fieldnames}. Set data.image_column / data.caption_column.")
+            for line_no, row in enumerate(reader, 2):
+                add(line_no, row.get(image_column), row.get(caption_column) or "")
+    return paths, captions, skipped
+
+
+# -------------------------------------------------------------------- webdataset
+def expand_shards(pattern: str | Sequence[str]) -> list[str]:
+    """Shard paths from a glob, a brace range ('data/{00000..00009}.tar'), a comma list, or a list."""
+    if not isinstance(pattern, str):
+        return [p for item in pattern for p in expand_shards(item)]
+    out: list[str] = []
+    for part in (p for p in pattern.split(",") if p.strip()):
+        for expanded in _expand_braces(os.path.expanduser(part.strip())):
+            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+            out += matches
+    return out
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo)
+    return [p for i in range(int(lo), int(hi) + 1)
+            for p in _expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    # webdataset: the key is the path up to the first '.' of the basename.
+    folder, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return os.path.join(folder, stem), ext.lower() if dot else ""
+
+
+def _caption_from(ext: str, data: bytes) -> str | None:
+    text = data.decode("utf-8", errors="replace")
+    if ext == "txt":
+        return text
+    try:
+        value = json.loads(text).get(_CAPTION_FIELD)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def index_shard(path: str, errors: str = "skip") -> tuple[list[tuple[str, int, int, str]], dict[str, int]]:
+    """Scans one uncompressed tar shard -> (samples (key, image offset, image size, caption), skip counts)."""
+    _check_policy(errors)
+    skipped: dict[str, int] = {}
+
+    def broken(why: str) -> None:
+        if errors == "raise":
+            raise ValueError(f"webdataset shard {path!r} {why}; re-download or re-create it, or set "
+                             "data.decode_errors='skip' to use its intact samples.")
+        _count(skipped, "truncated_shard")
+        log.warning("webdataset shard %r %s; using its intact samples", path, why)
+
+    if path.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
+        raise ValueError(f"webdataset shard {path!r} is compressed; random access needs uncompressed .tar "
+                         "shards (img2dataset writes them by default).")
+    if not os.path.isfile(path):
+        raise ValueError(f"webdataset shard {path!r} does not exist; check data.path.")
+    file_size = os.path.getsize(path)
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            while True:
+                try:
+                    info = tar.next()
+                except (tarfile.ReadError, EOFError) as e:
+                    broken(f"is truncated or corrupt after {len(members)} samples ({e})")
+                    break
+                if info is None:
+                    # A complete tar ends with >= two zero blocks; a cut inside a header
+                    # reads as a quiet end of archive, so check the tail.
+                    tail_size = file_size - tar.offset
+                    with open(path, "rb") as f:
+                        tail = os.pread(f.fileno(), min(tail_size, 1 << 20), tar.offset)
+                    if tail_size < 1024 or tail.strip(b"\0"):
+                        broken(f"is truncated after {len(members)} samples (no end-of-archive marker)")
+                    break
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > file_size:
+                    broken(f"is truncated inside member {info.name!r}")
+                    break
+                key, ext = _split_key(info.name)
+                members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+    except tarfile.ReadError as e:  # not a tar at all (or the first header is broken)
+        broken(f"is not a readable tar file ({e})")
+
+    samples = []
+    with open(path, "rb") as f:
+        for key, files in members.items():
+            image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+            caption_ext = next((e for e in ("txt", "json") if e in files), None)
+            if image_ext is None or caption_ext is None:
+                if errors == "raise":
+                    raise ValueError(f"webdataset sample {key!r} in {path!r} has no "
+                                     f"{'image' if image_ext is None else 'caption (.txt/.json)'}; "
+                                     "fix the shard or set data.decode_errors='skip'.")
+                _count(skipped, "no_image" if image_ext is None else "no_caption")
+                continue
+            offset, size = files[caption_ext]
+            caption = _caption_from(caption_ext, os.pread(f.fileno(), size, offset))
+            if caption is None or not caption.strip():
+                _count(skipped, "empty_caption")
+                continue
+            samples.append((key, *files[image_ext], caption))
+    return samples, skipped
+
+
+def _cached_index(path: str, errors: str, index_dir: str | None):
+    if not index_dir:
+        return index_shard(path, errors)
+    stat = os.stat(path)
+    tag = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{errors}".encode()).hexdigest()
+    cache = os.path.join(os.path.expanduser(index_dir), f"{tag}.json")
+    if os.path.isfile(cache):
+        with open(cache, encoding="utf-8") as f:
+            data = json.load(f)
+        return [tuple(s) for s in data["samples"]], data["skipped"]
+    samples, skipped = index_shard(path, errors)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"shard": os.path.abspath(path), "samples": samples, "skipped": skipped}, f)
+    os.replace(tmp, cache)  # atomic: concurrent processes never read a partial index
+    return samples, skipped
+
+
+class WebDatasetSource:
+    """Random access into webdataset tar shards through a member index.
+
+    Records: ``dict(image=bytes, caption=str, id=int, path='<shard>:<key>')``.
+    """
+
+    def __init__(self, shards: Sequence[str], errors: str = "skip", index_dir: str | None = None,
+                 num_threads: int = 16):
+        self.errors = _check_policy(errors)
+        self.shards = list(shards)
+        if not self.shards:
+            raise ValueError("webdataset source got no shards; set data.path to a shard glob such as "
+                             "'/data/laion/{00000..00099}.tar'.")
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, len(self.shards)))) as pool:
+            results = list(pool.map(lambda p: _cached_index(p, errors, index_dir), self.shards))
+        shard_ids, keys, offsets, sizes, captions = [], [], [], [], []
+        self.skipped: dict[str, int] = {}
+        for shard_id, (samples, skipped) in enumerate(results):
+            for reason, n in skipped.items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            for key, offset, size, caption in samples:
+                shard_ids.append(shard_id)
+                keys.append(key)
+                offsets.append(offset)
+                sizes.append(size)
+                captions.append(caption)
+        _log_skipped(f"webdataset {self.shards[0]!r} (+{len(self.shards) - 1} shards)", self.skipped)
+        self._shard = np.asarray(shard_ids, np.int32)
+        self._offset = np.asarray(offsets, np.int64)
+        self._size = np.asarray(sizes, np.int64)
+        self.keys, self.captions = keys, captions
+        if not len(self.keys):
+            raise ValueError(f"webdataset shards {self.shards[:3]} hold no usable image+caption samples; "
+                             "check the layout ({key}.jpg + {key}.txt or .json).")
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [f"{self.shards[s]}:{k}" for s, k in zip(self._shard, self.keys)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource(shards={len(self.shards)}, records={len(self)})"
+
+    def __getstate__(self) -> dict[str, Any]:  # file descriptors and locks stay in their process
+        state = self.__dict__.copy()
+        state["_fds"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def subset(self, rows: Sequence[int]) -> "WebDatasetSource":
+        """A source over the given records only (shares the shard index; no re-scan)."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            raise ValueError("this webdataset split is empty; add samples or set data.eval_path.")
+        out = WebDatasetSource.__new__(WebDatasetSource)
+        out.__setstate__(self.__getstate__())
+        out._shard, out._offset, out._size = self._shard[rows], self._offset[rows], self._size[rows]
+        out.keys = [self.keys[i] for i in rows]
+        out.captions = [self.captions[i] for i in rows]
+        return out
+
+    def _fd(self, shard: int) -> int:
+        with self._lock:
+            if shard not in self._fds:
+                self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+            return self._fds[shard]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        shard, size = int(self._shard[index]), int(self._size[index])
+        path = f"{self.shards[shard]}:{self.keys[index]}"
+        try:
+            data = os.pread(self._fd(shard), size, int(self._offset[index]))
+        except OSError as e:
+            data = b""
+            if self.errors == "raise":
+                raise ValueError(f"cannot read {path!r} ({e}); the shard changed since it was indexed.") from e
+        if len(data) != size and self.errors == "raise":
+            raise ValueError(f"{path!r} is shorter than its index says; the shard changed since it was indexed.")
+        return dict(image=data if len(data) == size else b"", caption=self.captions[index], id=index, path=path)
+
+
+# ------------------------------------------------------------------------ splits
+def holdout_indices(image_keys: Sequence[str], split: str, fraction: float, seed: int = 0) -> np.ndarray:
+    """Rows of `split` ('train'/'eval') when a fixed-seed `fraction` of distinct images is held out.
+
+    All captions of one image land in the same split; the eval split gets >= 1 image when
+    there are >= 2.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}.")
+    index_of: dict[str, int] = {}
+    image_of_row = np.asarray([index_of.setdefault(k, len(index_of)) for k in image_keys], np.int64)
+    num_images = len(index_of)
+    n_eval = min(max(int(round(fraction * num_images)), 1), num_images - 1) if num_images >= 2 else 0
+    is_eval = np.zeros(num_images, bool)
+    is_eval[np.random.default_rng(seed).permutation(num_images)[:n_eval]] = True
+    return np.flatnonzero(is_eval[image_of_row] == (split == "eval"))
+
+
+def _split_args(data_cfg, split: str) -> tuple[str | None, bool]:
+    """(path for this split, whether to hold out from the train path)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+    path = data_cfg.get("path", None)
+    eval_path = data_cfg.get("eval_path", None)
+    if not path:
+        raise ValueError("data.path is empty; set it to a caption file (.jsonl/.csv) or a shard glob.")
+    if eval_path:
+        return (eval_path if split == "eval" else path), False
+    return path, True
+
+
+def build_captions_source(data_cfg, split: str = "train") -> CaptionsSource:
+    """The `captions` source for split 'train' or 'eval' (see the module docstring for the keys)."""
+    path, holdout = _split_args(data_cfg, split)
+    errors = data_cfg.get("decode_errors", "skip") or "skip"
+    paths, captions, skipped = read_captions_file(
+        path, data_cfg.get("image_column", None), data_cfg.get("caption_column", None),
+        data_cfg.get("image_root", None), data_cfg.get("csv_separator", None), errors)
+    _log_skipped(f"caption file {path!r}", skipped)
+    if holdout and paths:
+        rows = holdout_indices(paths, split, float(data_cfg.get("holdout_fraction", 0.1) or 0.1),
+                               int(data_cfg.get("holdout_seed", 0) or 0))
+        paths, captions = [paths[i] for i in rows], [captions[i] for i in rows]
+    return CaptionsSource(paths, captions, errors, name=f"{path} [{split}]", skipped=skipped)
+
+
+def build_webdataset_source(data_cfg, split: str = "train") -> WebDatasetSource:
+    """The `webdataset` source for split 'train' or 'eval' (see the module docstring for the keys)."""
+    pattern, holdout = _split_args(data_cfg, split)
+    shards = expand_shards(pattern)
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if not shards or missing:
+        raise ValueError(f"data.path {pattern!r} matches no shard files"
+                         + (f" (missing: {missing[:3]})" if missing else "")
+                         + "; point it at .tar shards, e.g. '/data/cc3m/{00000..00331}.tar'.")
+    errors = data_cfg.get("decode_errors", "skip") or "skip"
+    index_dir = data_cfg.get("index_dir", None)
+    source = WebDatasetSource(shards, errors, index_dir)
+    if holdout:
+        rows = holdout_indices(source.image_keys, split, float(data_cfg.get("holdout_fraction", 0.1) or 0.1),
+                               int(data_cfg.get("holdout_seed", 0) or 0))
+        source = source.subset(rows)
+    return source
