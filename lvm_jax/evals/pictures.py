@@ -69,8 +69,9 @@ def vit_last_layer_attention(model: Any, params: Any, images: jax.Array) -> tupl
     _, depth, _, _, patch = model.dims()
     params = nn.meta.unbox(params)
     if model.scan_layers:
-        model = model.clone(scan_layers=False)
         params = _unscan_params(params, depth)
+    # Same numerics, plain per-block modules whose q/k outputs can be captured.
+    model = model.clone(scan_layers=False, remat="none")
     last = f"blocks_{depth - 1}"
 
     def wanted(module, method_name):
