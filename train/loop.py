@@ -10,6 +10,7 @@ import json
 import math
 import pathlib
 import signal
+import sys
 import time
 from typing import Any
 
@@ -65,6 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Runs (or resumes) training in `workdir`; returns the final eval metrics."""
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
+    preempt = _Preemption()  # installed first: a SIGTERM during setup still ends in a clean save
 
     # --- Workdir and mesh --------------------------------------------------------------------
     if is_main:
@@ -110,7 +112,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         train_step = compile_train_step(task, state_shardings, first, mesh)
 
         # --- Loop ------------------------------------------------------------------------------
-        preempt = _Preemption()
         log_every = int(config.get("log_every", 50))
         eval_every = int(config.get("eval_every", 0)) or total_steps
         ckpt_every = int(config.get("ckpt_every", 0)) or total_steps
@@ -176,6 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         bar.close()
         checkpointer.close()
 
+    skipped = lvm_data.transforms.decode_failures()
+    if skipped:  # counted in this process (worker processes log their own warnings)
+        print(f"warning: {skipped} undecodable images were skipped (config.data.decode_errors='skip').",
+              file=sys.stderr)
+
     if is_main and history:
         _plot_history(workdir, history)
     return eval_metrics
@@ -193,8 +199,14 @@ def create_state(task, state_shardings: Any, rng: jax.Array) -> Any:
 
 
 def restore_target(abstract: Any, state_shardings: Any) -> Any:
+    """ShapeDtypeStructs with the state's shardings: what orbax restores into."""
+    import flax.linen as nn
+
+    # Strip the boxes structurally (nn.meta.unbox would apply sharding constraints to abstract values).
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    plain = jax.tree_util.tree_map(lambda x: x.value if is_box(x) else x, abstract, is_leaf=is_box)
     return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _unbox(abstract), state_shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), plain, state_shardings)
 
 
 def compile_train_step(task, state_shardings: Any, example_batch: dict[str, Any], mesh) -> Any:

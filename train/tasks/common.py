@@ -69,6 +69,10 @@ def accumulate_gradients(loss_fn: Callable[[Any, dict], tuple[jax.Array, dict]],
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
-    """Per-example 0/1 hits `[B]` for each k: the label is among the k largest logits."""
-    ranks = jnp.sum(logits > jnp.take_along_axis(logits, labels[:, None], axis=1), axis=1)
-    return [(ranks < k).astype(jnp.float32) for k in ks]
+    """Per-example 0/1 hits `[B]` for each k: the label is among the k largest logits.
+
+    Ties go to the lower class index (as argmax), so a constant classifier scores 1/C, not 1.
+    """
+    _, top = jax.lax.top_k(logits, min(max(ks), logits.shape[-1]))  # top-5 of 2 classes = top-2
+    hits = top == labels[:, None]
+    return [jnp.any(hits[:, :k], axis=1).astype(jnp.float32) for k in ks]
