@@ -99,7 +99,7 @@ def test_clip_matches_open_clip(act):
 
     with torch.no_grad():
         ref_img = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-        ref_txt = ref.encode_text(torch.from_numpy(np.asarray(tokens)).long()).numpy()
+        ref_txt = ref.encode_text(torch.from_numpy(np.array(tokens)).long()).numpy()
     np.testing.assert_allclose(out["image"], ref_img, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["text"], ref_txt, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["logit_scale"], sd["logit_scale"].numpy().reshape(()), rtol=1e-6)
