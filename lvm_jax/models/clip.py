@@ -5,8 +5,9 @@
     img = model.apply(variables, images, method="encode_image")   # [B, embed_dim], unnormalised
     out = model.apply(variables, images, tokens)                    # dict(image, text, logit_scale, logit_bias)
 
-Param tree: image_tower (ViT), text_tower (TextTransformer), image_proj {kernel [width, embed_dim]},
-text_proj {kernel [width, embed_dim]}, logit_scale [] (log of the logit scale), logit_bias [] (SigLIP only).
+Param tree: image_tower (ViT), text_tower (TextTransformer), image_proj {kernel [width, embed_dim]}
+(absent with image_projection=False), text_proj {kernel [width, embed_dim]} (+ bias [embed_dim] with
+projection_bias), logit_scale [] (log of the logit scale), logit_bias [] (SigLIP only).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ class CLIP(nn.Module):
     vision: ViT fields, merged over DEFAULT_VISION (e.g. `dict(variant="S/16", act="quick_gelu")`).
     text: TextTransformer fields (e.g. `dict(vocab_size=1024, context_length=32, width=256)`).
     init_logit_bias: None for CLIP's softmax loss; -10 (with init_logit_scale=ln 10) for SigLIP.
+    image_projection=False: the image embedding is the pooled image-tower output itself (SigLIP's MAP
+    head; embed_dim must equal the image width). projection_bias: biases on the projections (SigLIP /
+    big_vision text head). Both exist so converted SigLIP checkpoints are represented exactly.
     The towers inherit `dtype`/`param_dtype` unless their dicts set them.
     """
     embed_dim: int = 512
@@ -48,6 +52,8 @@ class CLIP(nn.Module):
     text: Mapping[str, Any] | None = None
     init_logit_scale: float = CLIP_INIT_LOGIT_SCALE
     init_logit_bias: float | None = None
+    image_projection: bool = True
+    projection_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -55,8 +61,8 @@ class CLIP(nn.Module):
     def from_config(cls, cfg: Mapping[str, Any]) -> "CLIP":
         """Builds from a (ConfigDict or dict) model config with the fields above."""
         cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        unknown = set(cfg) - {"embed_dim", "vision", "text", "init_logit_scale", "init_logit_bias", "dtype",
-                              "param_dtype"}
+        unknown = set(cfg) - {"embed_dim", "vision", "text", "init_logit_scale", "init_logit_bias",
+                              "image_projection", "projection_bias", "dtype", "param_dtype"}
         if unknown:
             raise ValueError(f"Unknown CLIP config keys {sorted(unknown)}; put tower options under "
                              "model.vision / model.text.")
@@ -78,10 +84,15 @@ class CLIP(nn.Module):
 
         def projection(width: int) -> nn.Dense:
             init = nn.initializers.normal(width ** -0.5)  # open_clip's proj init
-            return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=logical(init, ("embed", "proj")))
+            return nn.Dense(self.embed_dim, use_bias=self.projection_bias, dtype=self.dtype,
+                            param_dtype=self.param_dtype, kernel_init=logical(init, ("embed", "proj")),
+                            bias_init=logical(nn.initializers.zeros, ("proj",)))
 
-        self.image_proj = projection(image_width)
+        if self.image_projection:
+            self.image_proj = projection(image_width)
+        elif image_width != self.embed_dim:
+            raise ValueError(f"image_projection=False needs embed_dim == image width, got {self.embed_dim} "
+                             f"and {image_width}; set embed_dim={image_width} or keep the projection.")
         self.text_proj = projection(text_width)
         scalar = lambda value: logical(nn.initializers.constant(value), ())  # noqa: E731
         self.logit_scale = self.param("logit_scale", scalar(self.init_logit_scale), (), jnp.float32)
@@ -91,7 +102,8 @@ class CLIP(nn.Module):
     def encode_image(self, images: Array, train: bool = False) -> Array:
         """images `[B, H, W, 3]` (normalised) -> `[B, embed_dim]`, not L2-normalised."""
         pooled = self.image_tower(images, train=train)["pooled"]
-        return constrain(self.image_proj(pooled), ("batch", "act_embed"))
+        embedding = self.image_proj(pooled) if self.image_projection else pooled
+        return constrain(embedding, ("batch", "act_embed"))
 
     def encode_text(self, tokens: Array, train: bool = False) -> Array:
         """tokens int `[B, L]` -> `[B, embed_dim]`, not L2-normalised."""
