@@ -1,12 +1,12 @@
 """Flax (linen) models: the ViT backbone and the transformer layers it is built from."""
 from lvm_jax.models.layers import (
     Attention, DropPath, Encoder, EncoderBlock, LayerScale, MAPHead, Mlp, SwiGLU, activation,
-    dot_product_attention, drop_path_rates, swiglu_hidden_dim)
+    dot_product_attention, drop_path_rates, splash_attention, swiglu_hidden_dim)
 from lvm_jax.models.pos_embed import bicubic_matrix, posemb_sincos_2d, resample_pos_embed
 from lvm_jax.models.vit import VARIANTS, ViT, parse_variant
 
 __all__ = [
     "Attention", "DropPath", "Encoder", "EncoderBlock", "LayerScale", "MAPHead", "Mlp", "SwiGLU",
     "ViT", "VARIANTS", "activation", "bicubic_matrix", "dot_product_attention", "drop_path_rates",
-    "parse_variant", "posemb_sincos_2d", "resample_pos_embed", "swiglu_hidden_dim",
+    "parse_variant", "posemb_sincos_2d", "resample_pos_embed", "splash_attention", "swiglu_hidden_dim",
 ]
