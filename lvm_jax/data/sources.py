@@ -11,13 +11,14 @@ Labelled sources expose ``num_classes`` and ``class_names``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from typing import Any, Callable
 
 import numpy as np
 
-from lvm_jax.data.synthetic import SyntheticShapes
+from lvm_jax.data.synthetic import Difficulty, SyntheticShapes
 
 SourceFactory = Callable[[Any, str], Any]
 SOURCES: dict[str, SourceFactory] = {}
@@ -54,12 +55,17 @@ def _synthetic(data_cfg, split: str) -> SyntheticShapes:
   syn = data_cfg.get("synthetic", None) or {}
   get = syn.get
   num = get("num_train", 50_000) if split == "train" else get("num_eval", 10_000)
+  # Any Difficulty field may be overridden as data.synthetic.<field>.
+  difficulty = Difficulty(**{f.name: (tuple(get(f.name)) if isinstance(f.default, tuple)
+                                      else float(get(f.name)))
+                             for f in dataclasses.fields(Difficulty) if get(f.name) is not None})
   return SyntheticShapes(
       num_records=int(num),
       seed=int(get("seed", 0)),
       split=split,
       image_size=int(get("image_size", None) or data_cfg.get("image_size", 32) or 32),
       num_classes=int(get("num_classes", 10)),
+      difficulty=difficulty,
       cache=bool(get("cache", True)),
   )
 

@@ -17,6 +17,7 @@ functions on the pixel grid), so whole splits render at thousands of images/s.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from typing import Any
@@ -137,15 +138,36 @@ _F = dict(
     bg_type=9, bg1=10, bg2=11, bg_freq=12, bg_angle=13, bg_phase=14, bg_sharp=15,
     bg_freq2=16, bg_jitter=17,  # 17..22 jitter rgb x2
     shade_angle=23, shade_amp=24, noise_bank=25, noise_dy=26, noise_dx=27,
-    noise_amp=28, template=29, distractors=32,  # 4 slots x 7 fields = 32..59
+    noise_amp=28, template=29, bg_contrast=30, distractors=32,  # 4 slots x 7 fields = 32..59
 )
 _NUM_DISTRACTORS = 4
 _DISTRACTOR_FIELDS = 7
 _NOISE_BANK = 16
 
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+  """Nuisance ranges.  Defaults were tuned so raw-pixel kNN stays near chance
+  while a tiny ViT can still learn the shapes: rotation is what slows a ViT
+  most (it must learn rotation invariance from data), colours, position,
+  texture and clutter are what defeat raw-pixel neighbours."""
+  size_range: tuple[float, float] = (0.5, 0.8)  # shape radius, in image half-widths
+  max_rotation: float = 17.0  # degrees; rotation uniform in [-max, max] around a canonical pose
+  position_spread: float = 1.0  # 1: anywhere the shape fits; 0: always centred
+  texture_contrast: tuple[float, float] = (0.3, 1.0)  # texture blend from bg1 towards bg2
+  clutter: float = 0.6  # probability of each of the 4 clutter items
+  noise_range: tuple[float, float] = (2.0, 10.0)  # pixel noise std on the 0..255 scale
+
+  def __post_init__(self):
+    lo, hi = self.size_range
+    if not 0.2 <= lo <= hi <= 1.0:
+      raise ValueError(f"synthetic.size_range must satisfy 0.2 <= lo <= hi <= 1, got {self.size_range}.")
+    if not 0 <= self.max_rotation <= 180:
+      raise ValueError(f"synthetic.max_rotation must be in [0, 180] degrees, got {self.max_rotation}.")
+
 
 def sample_scenes(indices: np.ndarray, seed: int = 0, split: str = "train",
-                  num_classes: int = len(CLASS_NAMES)) -> dict[str, np.ndarray]:
+                  num_classes: int = len(CLASS_NAMES),
+                  difficulty: Difficulty = Difficulty()) -> dict[str, np.ndarray]:
   """Scene parameters for each index: a dict of [N] / [N, k] arrays.
 
   Coordinates are in [-1, 1] image units (x right, y down); `size` is the
@@ -161,13 +183,15 @@ def sample_scenes(indices: np.ndarray, seed: int = 0, split: str = "train",
   n = len(indices)
   scene: dict[str, np.ndarray] = {"index": indices}
   scene["label"] = np.minimum((u[:, f["label"]] * num_classes).astype(np.int64), num_classes - 1)
-  size = 0.42 + 0.30 * u[:, f["size"]]
+  dif = difficulty
+  size = dif.size_range[0] + (dif.size_range[1] - dif.size_range[0]) * u[:, f["size"]]
   scene["size"] = size
+  scene["size_frac"] = u[:, f["size"]]  # position within the size range, for captions
   # Keep the shape (mostly) inside the frame.
   margin = 1.0 - 0.85 * size
-  scene["cx"] = (2 * u[:, f["cx"]] - 1) * margin
-  scene["cy"] = (2 * u[:, f["cy"]] - 1) * margin
-  scene["angle"] = 2 * np.pi * u[:, f["angle"]]
+  scene["cx"] = (2 * u[:, f["cx"]] - 1) * margin * dif.position_spread
+  scene["cy"] = (2 * u[:, f["cy"]] - 1) * margin * dif.position_spread
+  scene["angle"] = (2 * u[:, f["angle"]] - 1) * np.deg2rad(dif.max_rotation)
   color = np.minimum((u[:, f["color"]] * _NUM_COLORS).astype(np.int64), _NUM_COLORS - 1)
   scene["color"] = color
   jit = lambda k, width=3: (2 * u[:, k:k + width] - 1) * _COLOR_JITTER
@@ -184,16 +208,18 @@ def sample_scenes(indices: np.ndarray, seed: int = 0, split: str = "train",
   scene["bg_angle"] = np.pi * u[:, f["bg_angle"]]
   scene["bg_phase"] = 2 * np.pi * u[:, f["bg_phase"]]
   scene["bg_sharp"] = u[:, f["bg_sharp"]]
+  lo, hi = dif.texture_contrast
+  scene["bg_contrast"] = lo + (hi - lo) * u[:, f["bg_contrast"]]
   scene["shade_angle"] = 2 * np.pi * u[:, f["shade_angle"]]
   scene["shade_amp"] = 0.25 * u[:, f["shade_amp"]]
   scene["noise_bank"] = (u[:, f["noise_bank"]] * _NOISE_BANK).astype(np.int64)
   scene["noise_dy"] = u[:, f["noise_dy"]]
   scene["noise_dx"] = u[:, f["noise_dx"]]
-  scene["noise_amp"] = 3.0 + 9.0 * u[:, f["noise_amp"]]
+  scene["noise_amp"] = dif.noise_range[0] + (dif.noise_range[1] - dif.noise_range[0]) * u[:, f["noise_amp"]]
   scene["template"] = (u[:, f["template"]] * len(CAPTION_TEMPLATES)).astype(np.int64)
   d = u[:, f["distractors"]:f["distractors"] + _NUM_DISTRACTORS * _DISTRACTOR_FIELDS]
   d = d.reshape(n, _NUM_DISTRACTORS, _DISTRACTOR_FIELDS)
-  scene["dis_present"] = d[..., 0] < 0.7
+  scene["dis_present"] = d[..., 0] < dif.clutter
   scene["dis_x"] = 2 * d[..., 1] - 1
   scene["dis_y"] = 2 * d[..., 2] - 1
   scene["dis_len"] = d[..., 3]
@@ -334,7 +360,7 @@ def _background(scene: dict[str, np.ndarray], size: int) -> np.ndarray:
     else:  # linear gradient
       w = a * (0.8 + 0.6 * f1) + (f2 - 0.5)
     out[m] = np.clip(0.5 + 0.5 * w * (1 + 3 * sh), 0.0, 1.0)
-  return out
+  return out * col("bg_contrast")
 
 
 def render_scenes(scene: dict[str, np.ndarray], size: int = 32, seed: int = 0) -> np.ndarray:
@@ -408,9 +434,8 @@ def _position_name(cx: float, cy: float) -> str:
 
 def caption(scene: dict[str, np.ndarray], i: int) -> str:
   """Caption of the i-th scene in `scene`, from its attributes."""
-  size = scene["size"][i]
   fields = dict(
-      size=SIZE_NAMES[0 if size < 0.52 else (2 if size > 0.62 else 1)],
+      size=SIZE_NAMES[min(int(scene["size_frac"][i] * 3), 2)],
       color=COLOR_NAMES[scene["color"][i]],
       shape=CLASS_NAMES[scene["label"][i]],
       pattern=BACKGROUND_NAMES[scene["bg_type"][i]],
@@ -423,9 +448,10 @@ def caption(scene: dict[str, np.ndarray], i: int) -> str:
 
 
 def render(indices, seed: int = 0, split: str = "train", image_size: int = 32,
-           num_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray, list[str]]:
+           num_classes: int = len(CLASS_NAMES), difficulty: Difficulty = Difficulty()
+           ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """Images [N, S, S, 3] uint8, labels [N] int64 and captions for `indices`."""
-  scene = sample_scenes(indices, seed, split, num_classes)
+  scene = sample_scenes(indices, seed, split, num_classes, difficulty)
   images = render_scenes(scene, image_size, seed)
   captions = [caption(scene, i) for i in range(len(scene["index"]))]
   return images, scene["label"], captions
@@ -442,10 +468,12 @@ class SyntheticShapes:
 
   def __init__(self, num_records: int, seed: int = 0, split: str = "train",
                image_size: int = 32, num_classes: int = len(CLASS_NAMES),
-               cache: bool = True, block_size: int = 256):
+               difficulty: Difficulty = Difficulty(), cache: bool = True,
+               block_size: int = 256):
     if num_records <= 0:
       raise ValueError(f"synthetic data set needs num_records > 0, got {num_records}.")
     sample_scenes(np.zeros(1, np.int64), seed, split, num_classes)  # validates arguments
+    self.difficulty = difficulty
     self.num_records = int(num_records)
     self.seed = int(seed)
     self.split = split
@@ -477,7 +505,8 @@ class SyntheticShapes:
     self._lock = threading.Lock()
 
   def _render(self, indices: np.ndarray):
-    return render(indices, self.seed, self.split, self.image_size, self.num_classes)
+    return render(indices, self.seed, self.split, self.image_size, self.num_classes,
+                  self.difficulty)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
