@@ -1,0 +1,183 @@
+"""``manifest`` source: train on the images a curation run kept.
+
+``--config.data.source=manifest --config.data.path=DIR`` where DIR holds the
+``manifest.jsonl`` and ``summary.json`` written by ``lvm-curate``.  The
+summary names the embedding directories of the curated set and the pool; each
+of those records (``index.json`` -> ``"source"``) how to rebuild the image
+source it embedded, and manifest ids are record positions in those sources.
+
+Labels: a curated image keeps its own label; a retrieved pool image takes the
+label of the curated image it was retrieved for (label propagation -- pool
+images have no labels of their own).  Class names come from the curated source.
+The ``eval`` split is the curated source's eval split, so evaluation measures
+the same classes on held-out images.
+
+Records: ``dict(image=uint8 [H, W, 3] or encoded bytes, label=int, id=int)``
+(+ ``caption`` / ``path`` where the underlying source has them).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from lvm_jax.data.sources import build_source, register_source
+from lvm_jax.errors import UserError
+
+
+# ----------------------------------------------------------------------------
+# Source specs: JSON descriptions that rebuild an image source
+# ----------------------------------------------------------------------------
+def source_spec(data_cfg, split: str = "train") -> dict[str, Any]:
+  """JSON-able spec of ``build_source(data_cfg, split)``; a list of data configs concatenates."""
+  if isinstance(data_cfg, (list, tuple)):
+    return {"concat": [source_spec(c, split) for c in data_cfg]}
+  cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+  split = cfg.pop("split", split)
+  return {"data": cfg, "split": split}
+
+
+class ConcatSource:
+  """Several sources end to end; record i of the whole is record i - offset of one part."""
+
+  def __init__(self, parts: list[Any]):
+    if not parts:
+      raise UserError("a concatenated source needs at least one part.")
+    self.parts = parts
+    self.offsets = np.cumsum([0] + [len(p) for p in parts])
+    labelled = [p for p in parts if getattr(p, "num_classes", 0)]
+    self.num_classes = max((int(p.num_classes) for p in labelled), default=0)
+    widest = max(labelled, key=lambda p: int(p.num_classes), default=None)
+    self.class_names = tuple(getattr(widest, "class_names", ())) if widest is not None else ()
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __repr__(self) -> str:
+    return f"ConcatSource({self.parts!r})"
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} records")
+    record = dict(self.parts[part][index - int(self.offsets[part])])
+    record["id"] = index
+    return record
+
+
+def open_image_source(spec: dict[str, Any]):
+  """Rebuilds the source a ``source_spec`` describes."""
+  import ml_collections
+  if "concat" in spec:
+    return ConcatSource([open_image_source(s) for s in spec["concat"]])
+  return build_source(ml_collections.ConfigDict(spec["data"]), spec.get("split", "train"))
+
+
+def open_embedded_source(emb_dir: str) -> tuple[Any, np.ndarray] | None:
+  """(image source, ids ``[N]`` of the embedded rows) of an embedding directory, or None
+  when it records no source (plain .npy vectors)."""
+  meta_file = os.path.join(emb_dir, "index.json")
+  if not os.path.isfile(meta_file):
+    return None
+  with open(meta_file) as f:
+    meta = json.load(f)
+  if not meta.get("source"):
+    return None
+  from lvm_jax.curation.index import load_vectors
+  return open_image_source(meta["source"]), load_vectors(emb_dir).ids
+
+
+# ----------------------------------------------------------------------------
+# The manifest source
+# ----------------------------------------------------------------------------
+class ManifestSource:
+  """grain RandomAccessDataSource over a curation manifest (see module docstring)."""
+
+  def __init__(self, root: str):
+    from lvm_jax.curation.index import load_vectors
+    manifest = os.path.join(root, "manifest.jsonl")
+    summary_file = os.path.join(root, "summary.json")
+    if not os.path.isfile(manifest) or not os.path.isfile(summary_file):
+      raise UserError(f"{root!r} has no manifest.jsonl/summary.json; set data.path to the --out "
+                      "directory of a finished `lvm-curate run` or `lvm-curate embeddings`.")
+    with open(summary_file) as f:
+      inputs = json.load(f).get("inputs", {})
+    self.root = root
+    self.sources, labels = {}, {}
+    for kind, key in (("curated", "curated"), ("retrieved", "pool")):
+      path = inputs.get(key, "")
+      opened = open_embedded_source(path) if path and os.path.isdir(path) else None
+      if opened is None:
+        raise UserError(f"the {key} set of {root!r} ({path or 'unknown'}) records no image source "
+                        "(plain .npy vectors?); curate embedding directories from `lvm-curate embed` "
+                        "or `lvm-curate run` to train on the manifest.")
+      self.sources[kind] = opened[0]
+      if kind == "curated":
+        vectors = load_vectors(path)
+        labels = dict(zip(vectors.ids.tolist(), (vectors.labels if vectors.labels is not None
+                                                 else np.full(len(vectors), -1)).tolist()))
+    self.curated_spec = None
+    with open(os.path.join(inputs["curated"], "index.json")) as f:
+      self.curated_spec = json.load(f)["source"]
+    kinds, ids, record_labels = [], [], []
+    with open(manifest) as f:
+      for n, line in enumerate(f):
+        if not line.strip():
+          continue
+        entry = json.loads(line)
+        kind = entry.get("source")
+        if kind not in self.sources:
+          raise UserError(f"{manifest}:{n + 1} has source {kind!r}; expected 'curated' or 'retrieved'.")
+        owner = entry["id"] if kind == "curated" else entry.get("query")
+        kinds.append(kind == "retrieved")
+        ids.append(int(entry["id"]))
+        record_labels.append(int(labels.get(owner, -1)) if owner is not None else -1)
+    if not ids:
+      raise UserError(f"{manifest} is empty; nothing to train on.")
+    self.retrieved = np.asarray(kinds, bool)
+    self.ids = np.asarray(ids, np.int64)
+    self.labels = np.asarray(record_labels, np.int64)
+    curated = self.sources["curated"]
+    self.num_classes = int(getattr(curated, "num_classes", 0) or (self.labels.max() + 1))
+    self.class_names = tuple(getattr(curated, "class_names", ()))
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def __repr__(self) -> str:
+    return (f"ManifestSource({self.root!r}, records={len(self)}, "
+            f"retrieved={int(self.retrieved.sum())}, classes={self.num_classes})")
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    source = self.sources["retrieved" if self.retrieved[index] else "curated"]
+    record = source[int(self.ids[index])]
+    out = dict(image=record["image"], label=int(self.labels[index]), id=index)
+    for key in ("caption", "path"):
+      if key in record:
+        out[key] = record[key]
+    return out
+
+
+def build_manifest_source(data_cfg, split: str = "train"):
+  """The manifest in ``data_cfg.path`` (split 'train'), or the curated source's eval split."""
+  root = data_cfg.get("path", "") or ""
+  if not root:
+    raise UserError("data.path is empty; set it to the output directory of `lvm-curate run`.")
+  source = ManifestSource(os.path.expanduser(root))
+  if split == "train":
+    return source
+  spec = dict(source.curated_spec)
+  return open_image_source(_with_split(spec, "eval"))
+
+
+def _with_split(spec: dict[str, Any], split: str) -> dict[str, Any]:
+  if "concat" in spec:
+    return {"concat": [_with_split(s, split) for s in spec["concat"]]}
+  return {**spec, "split": split}
+
+
+register_source("manifest", build_manifest_source)
