@@ -4,13 +4,61 @@
 ``get_state()``/``set_state()`` round-trips exactly: a restored iterator yields
 the same subsequent batches, because both the sample order (per-epoch
 shuffle) and every record's augmentation generator are functions of
-``(seed, position in the sample stream)`` only.
+``(seed, shard, position in the sample stream)`` only.
 """
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import grain.python as grain
+import numpy as np
+from absl import flags
+
+
+class ShardedSource:
+  """Contiguous slice `shard_index` of `shard_count` of a random-access source.
+
+  drop_remainder=False spreads the remainder over the first shards (eval: every
+  record is read exactly once); True gives every shard len(source) //
+  shard_count records (train: processes stay in lockstep).  We shard here
+  rather than with grain's ShardOptions because grain's finite-epoch loader
+  silently drops a record from the larger shards when the split is uneven.
+  Attributes of the wrapped source (num_classes, class_names, ...) pass through.
+  """
+
+  def __init__(self, source, shard_index: int, shard_count: int, drop_remainder: bool):
+    n = len(source)
+    base, extra = divmod(n, shard_count)
+    if drop_remainder:
+      self.start, self.size = shard_index * base, base
+    else:
+      self.start = shard_index * base + min(shard_index, extra)
+      self.size = base + (shard_index < extra)
+    self.source = source
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> Any:
+    if not 0 <= index < self.size:
+      raise IndexError(f"index {index} out of range for a shard of {self.size} records")
+    return self.source[self.start + int(index)]
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("__") or name == "source":  # keeps pickling from recursing
+      raise AttributeError(name)
+    return getattr(self.source, name)
+
+  def __repr__(self) -> str:
+    return f"ShardedSource({self.source!r}, start={self.start}, size={self.size})"
+
+
+def _shard_seed(seed: int, shard_index: int) -> int:
+  """Distinct 31-bit seeds per shard, so processes draw different augmentations."""
+  if shard_index == 0:
+    return seed
+  return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0] >> 1)
 
 
 def make_loader(source, operations, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -46,9 +94,16 @@ def make_loader(source, operations, batch_size: int, *, shuffle: bool = True, se
                      "processes reading it; use a larger data set.")
   if not 0 <= seed < 2**32:
     raise ValueError(f"data seed must be a non-negative 32-bit integer, got {seed}.")
-  # Training shards drop the remainder so every process sees equally many records.
-  shard_options = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                     drop_remainder=drop_remainder)
+  if worker_count and not flags.FLAGS.is_parsed():
+    # grain's worker pool reads its absl flags; outside an absl app they are
+    # unparsed and the read raises.  Their defaults are what we want.
+    flags.FLAGS.mark_as_parsed()
+  if shard_count > 1:
+    source = ShardedSource(source, shard_index, shard_count, drop_remainder)
+    seed = _shard_seed(seed, shard_index)
+  # grain's per-record generator is Philox(seed + position): deterministic per
+  # (seed, record, epoch), which is what makes a restored iterator bit-exact.
+  shard_options = grain.NoSharding()
   sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options,
                                shuffle=shuffle, num_epochs=num_epochs, seed=seed)
   return grain.DataLoader(
