@@ -88,6 +88,19 @@ def test_two_shards_are_disjoint_and_cover_everything(num_records):
   assert len(train[0]) == len(train[1]) and not set(train[0]) & set(train[1])
 
 
+def test_sharded_source_passes_attributes_and_pickles():
+  import pickle
+  from lvm_jax.data import ShardedSource
+  src = build_source(data_config(synthetic=dict(num_train=11, num_eval=5)), "train")
+  shards = [ShardedSource(src, k, 3, drop_remainder=False) for k in range(3)]
+  assert [len(s) for s in shards] == [4, 4, 3]
+  assert [s[0]["id"] for s in shards] == [0, 4, 8]
+  clone = pickle.loads(pickle.dumps(shards[2]))
+  assert clone.num_classes == 10 and clone.class_names == src.class_names
+  assert clone[2]["image"].tobytes() == src[10]["image"].tobytes()
+  assert [len(ShardedSource(src, k, 3, drop_remainder=True)) for k in range(3)] == [3, 3, 3]
+
+
 def _random_train_ops(cfg):
   cfg = data_config(rrc_scale=(0.3, 1.0), randaugment=(2, 9), **cfg)
   return supervised_transforms(cfg, train=True)

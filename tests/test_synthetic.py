@@ -45,6 +45,15 @@ def test_source_records_cache_and_pickle():
     src[300]
 
 
+def test_difficulty_validation_and_auto_cache():
+  with pytest.raises(ValueError, match="max_rotation"):
+    S.Difficulty(max_rotation=400)
+  with pytest.raises(ValueError, match="size_range"):
+    S.Difficulty(size_range=(0.9, 0.5))
+  assert S.SyntheticShapes(1000).cache
+  assert not S.SyntheticShapes(10_000_000, image_size=64).cache  # 123 GB: render per record
+
+
 def test_image_size_and_num_classes():
   imgs, labels, _ = S.render(np.arange(200), image_size=64, num_classes=4)
   assert imgs.shape == (200, 64, 64, 3)

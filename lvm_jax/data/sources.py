@@ -8,6 +8,14 @@ import time is found automatically the first time ``source=<name>`` is used.
 Records are dicts: ``image`` (uint8 [H, W, 3] or encoded bytes), ``label``
 (int), ``id`` (int), plus ``caption`` (str) where the source has one.
 Labelled sources expose ``num_classes`` and ``class_names``.
+
+Config fields read here (all optional):
+  synthetic: data.synthetic.{num_train=50000, num_eval=10000, seed=0, image_size
+             (default data.image_size), num_classes=10, cache=None (auto)} and
+             any ``synthetic.Difficulty`` field (size_range, max_rotation, ...).
+  folder:    data.path, data.holdout_fraction=0.1, data.holdout_seed=0.
+  tfds:      data.name, data.path (data_dir), data.train_split='train',
+             data.eval_split='validation', data.image_key='image', data.label_key='label'.
 """
 from __future__ import annotations
 
@@ -66,7 +74,7 @@ def _synthetic(data_cfg, split: str) -> SyntheticShapes:
       image_size=int(get("image_size", None) or data_cfg.get("image_size", 32) or 32),
       num_classes=int(get("num_classes", 10)),
       difficulty=difficulty,
-      cache=bool(get("cache", True)),
+      cache=get("cache", None),
   )
 
 

@@ -457,18 +457,22 @@ def render(indices, seed: int = 0, split: str = "train", image_size: int = 32,
   return images, scene["label"], captions
 
 
+_AUTO_CACHE_BYTES = 2 << 30
+
+
 class SyntheticShapes:
   """grain RandomAccessDataSource over the procedural shapes.
 
   Records: ``dict(image=uint8 [S, S, 3], label=int, caption=str, id=int)``.
   Images render in blocks of `block_size` consecutive indices (vectorised) and
-  are kept in memory when `cache` is true; the cache is per process and is not
-  pickled into grain workers.
+  are kept in memory when `cache` is true (None: when the whole split takes at
+  most `_AUTO_CACHE_BYTES`); otherwise each record renders on its own.  The
+  cache is per process and is not pickled into grain workers.
   """
 
   def __init__(self, num_records: int, seed: int = 0, split: str = "train",
                image_size: int = 32, num_classes: int = len(CLASS_NAMES),
-               difficulty: Difficulty = Difficulty(), cache: bool = True,
+               difficulty: Difficulty = Difficulty(), cache: bool | None = None,
                block_size: int = 256):
     if num_records <= 0:
       raise ValueError(f"synthetic data set needs num_records > 0, got {num_records}.")
@@ -482,7 +486,9 @@ class SyntheticShapes:
     self.class_names = CLASS_NAMES[:num_classes]
     self.caption_templates = CAPTION_TEMPLATES
     self.zeroshot_templates = ZEROSHOT_TEMPLATES
-    self.cache = cache
+    if cache is None:
+      cache = num_records * image_size * image_size * 3 <= _AUTO_CACHE_BYTES
+    self.cache = bool(cache)
     self.block_size = block_size
     self._blocks: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
     self._lock = threading.Lock()
