@@ -229,9 +229,13 @@ def assemble(rules: Iterable[Rule], tensors: Mapping[str, Any], expected: Mappin
         want = expected.get(dst)
         if want is None:
             raise AssertionError(f"converter rule targets {dst!r}, which the {what} does not have")
-        value = _apply(fn, [tensors[s] for s in srcs])
+        shapes = " + ".join(f"{s} {tuple(tensors[s].shape)}" for s in srcs)
+        try:
+            value = _apply(fn, [tensors[s] for s in srcs])
+        except (ValueError, TypeError, IndexError):  # e.g. a reshape into heads that does not divide
+            mismatched.append(f"{shapes} cannot become {dst} {tuple(want.shape)}")
+            continue
         if tuple(value.shape) != tuple(want.shape):
-            shapes = " + ".join(f"{s} {tuple(tensors[s].shape)}" for s in srcs)
             mismatched.append(f"{shapes} -> {dst} needs {tuple(want.shape)}")
             continue
         produced[dst] = _cast(value, want.dtype)
