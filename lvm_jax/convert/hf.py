@@ -321,8 +321,11 @@ def _vit_to_hf(vit, params: dict[str, Any], prefix: str = "") -> tuple[dict[str,
             raise ConversionError("Hugging Face ViT/DINOv2 configs need a square image_size.")
         image = image[0]
     p = prefix
+    pos = params["pos_embed"]
+    if not vit.pos_embed_includes_cls:  # HF adds position 0 to the class token: a zero row is exact
+        pos = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
     sd: dict[str, np.ndarray] = {
-        f"{p}embeddings.cls_token": params["cls_token"], f"{p}embeddings.position_embeddings": params["pos_embed"],
+        f"{p}embeddings.cls_token": params["cls_token"], f"{p}embeddings.position_embeddings": pos,
         f"{p}embeddings.patch_embeddings.projection.weight": params["patch_embed"]["kernel"].transpose(3, 2, 0, 1),
         f"{p}embeddings.patch_embeddings.projection.bias": params["patch_embed"]["bias"],
         f"{p}layernorm.weight": params["norm"]["scale"], f"{p}layernorm.bias": params["norm"]["bias"],

@@ -67,7 +67,7 @@ def convert(ck: Checkpoint) -> tuple[dict[str, Any], Any, Any]:
     """CLIP kwargs, make_rules(final kwargs) and an ignore predicate."""
     t = ck.tensors
     require(t, ["visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
-                "positional_embedding", "ln_final.weight"], source=ck.source, what="OpenAI/open_clip CLIP")
+                "positional_embedding", "ln_final.weight"], source=ck.source, what="CLIP (OpenAI / open_clip)")
     if "text.token_embedding.weight" in t or "visual.trunk.patch_embed.proj.weight" in t:
         raise ConversionError(f"{ck.source} is an open_clip CustomTextCLIP (timm/HF towers), which lvm_jax "
                               "does not convert; use the tower's own format (timm) or an HF export.")

@@ -1,0 +1,231 @@
+"""Readers and error messages of lvm_jax.convert (no torch needed).
+
+Readers are checked against independent readers (safetensors' own numpy loader, numpy's npz loader);
+every predictable mistake must end in one ConversionError/FileNotFoundError sentence that names the
+offending keys, never a deep trace.
+"""
+import builtins
+import importlib.util
+import json
+import pathlib
+import struct
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from lvm_jax import convert
+from lvm_jax.convert.__main__ import main as convert_main
+from lvm_jax.convert.core import ConversionError, flatten
+from lvm_jax.convert.readers import read_checkpoint, read_npz, read_safetensors, read_torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_convert_fixtures", ROOT / "scripts" / "make_convert_fixtures.py")
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+CASES = json.loads((fx.FIXTURES / "cases.json").read_text())
+
+
+# --- readers --------------------------------------------------------------------------------------
+
+def test_safetensors_reader_matches_the_library_and_needs_no_torch(tmp_path):
+    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((2,), np.float16),
+               "c": np.array(3, np.int64)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    ours, ref = read_safetensors(tmp_path / "x.safetensors"), load_file(str(tmp_path / "x.safetensors"))
+    assert set(ours) == set(ref)
+    for key in ref:
+        assert ours[key].dtype == ref[key].dtype
+        np.testing.assert_array_equal(ours[key], ref[key])
+    shapes = read_safetensors(tmp_path / "x.safetensors", shapes_only=True)
+    assert shapes["a"] == jax.ShapeDtypeStruct((3, 4), np.float32)
+
+
+def test_safetensors_bfloat16(tmp_path):
+    """bf16 (what most hub checkpoints ship) decodes via ml_dtypes, per the safetensors byte layout."""
+    values = np.array([1.0, -2.5, 0.15625], ml_dtypes.bfloat16)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
+    (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + values.tobytes())
+    got = read_safetensors(tmp_path / "b.safetensors")["w"]
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), [1.0, -2.5, 0.15625])
+
+
+def test_npz_reader_and_header_only_shapes(tmp_path):
+    arrays = {"params/img/embedding/kernel": np.zeros((2, 2, 3, 4), np.float32), "params/t": np.ones((1,))}
+    np.savez(tmp_path / "c.npz", **arrays)
+    full, shapes = read_npz(tmp_path / "c.npz"), read_npz(tmp_path / "c.npz", shapes_only=True)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(full[key], value)
+        assert shapes[key] == jax.ShapeDtypeStruct(value.shape, value.dtype)
+
+
+def test_shapes_only_load_allocates_nothing(tmp_path):
+    src = fx.write_checkpoint(CASES["hf_siglip"], tmp_path / "s")
+    model, abstract = convert.load(src, shapes_only=True)
+    _, real = convert.load(src)
+    for key, leaf in flatten(abstract["params"]).items():
+        assert isinstance(leaf, jax.ShapeDtypeStruct)
+        assert leaf.shape == flatten(real["params"])[key].shape, key
+
+
+def test_torch_file_without_torch_is_one_clear_error(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    (tmp_path / "dinov2_vits14_pretrain.pth").write_bytes(b"not really")
+    with pytest.raises(ConversionError, match=r"PyTorch file and reading it needs torch.*safetensors"):
+        read_torch(tmp_path / "dinov2_vits14_pretrain.pth")
+
+
+def test_directory_and_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download it first"):
+        read_checkpoint(tmp_path / "missing.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="holds no weight file"):
+        read_checkpoint(tmp_path / "empty")
+    two = tmp_path / "two"
+    two.mkdir()
+    save_file({"a": np.zeros(1, np.float32)}, str(two / "a.safetensors"))
+    save_file({"a": np.zeros(1, np.float32)}, str(two / "b.safetensors"))
+    with pytest.raises(ConversionError, match=r"several weight files \['a.safetensors', 'b.safetensors'\]"):
+        read_checkpoint(two)
+    (tmp_path / "w.h5").write_bytes(b"")
+    with pytest.raises(ConversionError, match="unknown checkpoint suffix '.h5'"):
+        read_checkpoint(tmp_path / "w.h5")
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 5) + b"{oops")
+    with pytest.raises(ConversionError, match="no valid safetensors header"):
+        read_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_sharded_hf_checkpoint_is_read_whole(tmp_path):
+    case = CASES["hf_vit_pooler"]
+    src = fx.write_checkpoint(case, tmp_path / "one")
+    tensors = load_file(str(src / "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(sharded / name))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in shards.items() for k in part}}))
+    (sharded / "config.json").write_text((src / "config.json").read_text())
+    _, whole = convert.load(src)
+    _, parts = convert.load(sharded)
+    for key, value in flatten(whole["params"]).items():
+        np.testing.assert_array_equal(flatten(parts["params"])[key], value)
+
+
+# --- conversion errors -------------------------------------------------------------------------
+
+def _case_tensors(name):
+    return fx.weights(CASES[name]["manifest"])
+
+
+def test_wrong_architecture_names_the_architecture(tmp_path):
+    folder = tmp_path / "resnet"
+    folder.mkdir()
+    save_file({"conv1.weight": np.zeros((8, 3, 7, 7), np.float32), "fc.weight": np.zeros((5, 8), np.float32)},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet50", "num_classes": 5}))
+    with pytest.raises(ConversionError, match=r"timm architecture 'resnet50' is not a VisionTransformer"):
+        convert.load(folder)
+    hf = tmp_path / "bert"
+    hf.mkdir()
+    save_file({"embeddings.word_embeddings.weight": np.zeros((4, 4), np.float32)}, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConversionError, match=r"model_type 'bert' is not supported; lvm_jax converts vit, dinov2"):
+        convert.load(hf)
+
+
+def test_forcing_the_wrong_reader_lists_the_missing_keys(tmp_path):
+    src = fx.write_checkpoint(CASES["dinov2_hub"], tmp_path / "d")
+    with pytest.raises(ConversionError, match=r"not a CLIP \(OpenAI / open_clip\) checkpoint: missing keys \[visual.conv1"):
+        convert.load(src, format="open_clip")
+
+
+def test_missing_unexpected_and_mismatched_keys_in_one_message(tmp_path):
+    tensors = _case_tensors("dinov2_hub")
+    del tensors["blocks.1.mlp.fc2.bias"]
+    tensors["blocks.0.attn.q_norm.weight"] = np.ones(64, np.float32)
+    tensors["blocks.1.attn.proj.weight"] = np.zeros((64, 32), np.float32)
+    save_file(tensors, str(tmp_path / "dinov2_vits14_pretrain.safetensors"))
+    with pytest.raises(ConversionError) as info:
+        convert.load(tmp_path / "dinov2_vits14_pretrain.safetensors", num_heads=2)
+    message = str(info.value)
+    assert "missing keys [blocks.1.mlp.fc2.bias]" in message
+    assert "unexpected keys [blocks.0.attn.q_norm.weight]" in message
+    assert "blocks.1.attn.proj.weight (64, 32)" in message and "encoder/blocks_1/attn/out/kernel" in message
+    assert message.count("\n") == 0
+
+
+def test_wrong_head_count_is_a_shape_error_not_a_trace(tmp_path):
+    src = fx.write_checkpoint(CASES["big_vision_vit_cls"], tmp_path / "bv")
+    with pytest.raises(ConversionError, match=r"query/kernel \(64, 2, 32\) -> encoder/blocks_0/attn/query/kernel"):
+        convert.load(src, num_heads=4)
+    src = fx.write_checkpoint(CASES["dinov2_hub"], tmp_path / "d")
+    with pytest.raises(ValueError, match="width 64 is not divisible by num_heads 3"):
+        convert.load(src, num_heads=3)
+
+
+def test_heads_cannot_be_guessed_for_odd_widths(tmp_path):
+    narrow = {k: np.resize(v, [48 if s == 64 else s for s in v.shape]).astype(np.float32)
+              for k, v in _case_tensors("dinov2_hub").items()}
+    save_file(narrow, str(tmp_path / "dinov2_narrow.safetensors"))
+    with pytest.raises(ConversionError, match=r"number of attention heads for width 48; pass num_heads"):
+        convert.load(tmp_path / "dinov2_narrow.safetensors")
+
+
+def test_unknown_override_and_format(tmp_path):
+    src = fx.write_checkpoint(CASES["timm_giant_swiglu"], tmp_path / "t")
+    with pytest.raises(ConversionError, match=r"Unknown override\(s\) \['num_head'\] for ViT"):
+        convert.load(src, num_head=2)
+    with pytest.raises(ConversionError, match="Unknown format 'flax'"):
+        convert.load(src, format="flax")
+    save_file({"weird": np.zeros(2, np.float32)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConversionError, match=r"cannot tell which library wrote this checkpoint \(keys start \[weird\]\)"):
+        convert.load(tmp_path / "w.safetensors")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    src = fx.write_checkpoint(CASES["timm_giant_swiglu"], tmp_path / "t")
+    assert convert_main([str(src), str(tmp_path / "out"), "--set", "num_head=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Unknown override(s) ['num_head']") and err.count("\n") == 1
+    assert convert_main([str(src), str(tmp_path / "out"), "--set", "oops"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["hf_vit_classifier", "hf_vit_pooler", "hf_dinov2_swiglu", "hf_dinov2_registers",
+                                  "hf_clip", "dinov2_hub_registers", "dinov2_hub_swiglu", "openai_clip_file"])
+def test_save_hf_round_trip_restores_every_param(name, tmp_path):
+    """ours -> HF files -> ours is the identity (torch-free half; test_convert_torch loads them in transformers)."""
+    case = CASES[name]
+    model, variables = convert.load(fx.write_checkpoint(case, tmp_path / "src"), **case.get("load_kwargs", {}))
+    out = convert.save_hf(model, variables, tmp_path / "hf")
+    again, again_vars = convert.load(out)
+    want, got = flatten(variables["params"]), flatten(again_vars["params"])
+    assert set(got) == set(want) or set(got) - set(want) <= {"mask_token"} | {
+        k for k in got if "/ls1/" in k or "/ls2/" in k}
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_save_hf_refuses_models_without_an_hf_twin(tmp_path):
+    src = fx.write_checkpoint(CASES["timm_avgpool_fcnorm_registers"], tmp_path / "t")
+    model, variables = convert.load(src)
+    with pytest.raises(ConversionError, match="no Hugging Face equivalent: HF ViT/DINOv2 need a class token"):
+        convert.save_hf(model, variables, tmp_path / "out")
+    src = fx.write_checkpoint(CASES["hf_siglip"], tmp_path / "s")
+    model, variables = convert.load(src)
+    with pytest.raises(ConversionError, match="no Hugging Face CLIPModel equivalent"):
+        convert.save_hf(model, variables, tmp_path / "out2")
