@@ -132,7 +132,8 @@ def _vision_fields(model: nn.Module) -> dict[str, Any]:
     return {**DEFAULT_VISION, **dict(model.vision or {})} if isinstance(model, CLIP) else {}
 
 
-def _unscanned(model: nn.Module) -> nn.Module:
+def unscanned(model: nn.Module) -> nn.Module:
+    """The same model with scan_layers off in every tower (converters build the blocks_i layout)."""
     if isinstance(model, CLIP):
         return model.clone(vision={**dict(model.vision or {}), "scan_layers": False},
                            text={**dict(model.text or {}), "scan_layers": False})
@@ -155,7 +156,7 @@ def dummy_inputs(model: nn.Module) -> tuple[Any, ...]:
 
 
 def _assemble(model: nn.Module, rules: list, ck: Checkpoint, ignore: Any, what: str) -> dict[str, Any]:
-    flat_model = _unscanned(model)
+    flat_model = unscanned(model)
     expected = expected_params(flat_model, *dummy_inputs(flat_model))
     params = assemble(rules, ck.tensors, expected, source=ck.source, what=what, ignore=ignore)
     return restack(model, params)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import json
 from typing import Any
 
 import numpy as np

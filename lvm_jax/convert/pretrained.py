@@ -112,8 +112,7 @@ def load_converted(directory: str | pathlib.Path) -> tuple[nn.Module, dict[str, 
     """Reads a converted checkpoint directory into host memory: (model, {'params': numpy tree}, spec)."""
     import orbax.checkpoint as ocp
 
-    from lvm_jax.convert import dummy_inputs, restack
-    from lvm_jax.convert.core import unflatten as _unflatten
+    from lvm_jax.convert import dummy_inputs, restack, unscanned
 
     directory = pathlib.Path(directory).expanduser().absolute()
     if not is_converted(directory):
@@ -122,17 +121,12 @@ def load_converted(directory: str | pathlib.Path) -> tuple[nn.Module, dict[str, 
     spec = json.loads((directory / MODEL_FILE).read_text())
     model = model_from_config(spec)
     # The restore structure comes from the model itself, so no orbax metadata API is needed.
-    shapes = restack(model, _unflatten(expected_params(_flat(model), *dummy_inputs(_flat(model)))))
+    flat_model = unscanned(model)
+    shapes = restack(model, unflatten(expected_params(flat_model, *dummy_inputs(flat_model))))
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
     params = ocp.PyTreeCheckpointer().restore(directory / PARAMS_DIR,
                                               args=ocp.args.PyTreeRestore(restore_args=restore_args))
     return model, {"params": params}, spec
-
-
-def _flat(model: nn.Module) -> nn.Module:
-    from lvm_jax.convert import _unscanned
-
-    return _unscanned(model)
 
 
 # --- merging into a task's params -------------------------------------------------------------------
