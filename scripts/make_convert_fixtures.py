@@ -332,6 +332,32 @@ def _big_vision_vit_case(scanned: bool, cls: bool):
     return case, result
 
 
+def _augreg_case():
+    """The original vision_transformer (AugReg) naming: no 'params/' root, a class slot in
+    Transformer/posembed_input, sub-modules MultiHeadDotProductAttention_1 / LayerNorm_2 / MlpBlock_3."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer, _load_weights
+
+    legacy = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1", "LayerNorm_1": "LayerNorm_2",
+              "MlpBlock_0": "MlpBlock_3"}
+    manifest = []
+    for key, shape in _big_vision_image_manifest("", cls=True, head=5, map_head=False, scanned=False):
+        if key == "pos_embedding":
+            key, shape = "Transformer/posembed_input/pos_embedding", [1, 17, 64]
+        for old, new in legacy.items():
+            key = key.replace(old, new)
+        manifest.append([key, shape])
+    case = dict(layout="npz", filename="ViT-tiny_augreg.npz", manifest=manifest)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(case, pathlib.Path(tmp))
+        ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2,
+                                num_classes=5, act_layer="gelu_tanh")
+        _load_weights(ref, str(path))
+    with torch.no_grad():
+        result = {"logits@32x32": ref.eval()(_nchw(images(32, 32))).numpy()}
+    return case, result
+
+
 def _big_vision_siglip_case():
     import functools
 
@@ -434,6 +460,7 @@ def build_cases(names: list[str] | None = None) -> dict[str, tuple[dict[str, Any
         "big_vision_vit_cls": lambda: _big_vision_vit_case(scanned=False, cls=True),
         "big_vision_vit_scanned_gap": lambda: _big_vision_vit_case(scanned=True, cls=False),
         "big_vision_siglip": _big_vision_siglip_case,
+        "big_vision_augreg_vit": _augreg_case,
     }
     hf_models = _hf_models()
     for name, (model, outputs) in hf_models.items():

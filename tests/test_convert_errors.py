@@ -125,6 +125,21 @@ def test_sharded_hf_checkpoint_is_read_whole(tmp_path):
         np.testing.assert_array_equal(flatten(parts["params"])[key], value)
 
 
+def test_dinov2_block_chunks_layout(tmp_path):
+    """DINOv2 training checkpoints with block_chunks store blocks.{chunk}.{global index}."""
+    tensors = fx.weights(CASES["dinov2_hub"]["manifest"])
+    chunked = {(f"blocks.{int(k.split('.')[1])}.{k[len('blocks.'):]}" if k.startswith("blocks.") else k): v
+               for k, v in tensors.items()}
+    assert "blocks.1.1.norm1.weight" in chunked
+    save_file(chunked, str(tmp_path / "chunked.safetensors"))
+    save_file(tensors, str(tmp_path / "plain.safetensors"))
+    _, plain = convert.load(tmp_path / "plain.safetensors", num_heads=2)
+    model, got = convert.load(tmp_path / "chunked.safetensors", num_heads=2)
+    assert model.depth == 2
+    for key, value in flatten(plain["params"]).items():
+        np.testing.assert_array_equal(flatten(got["params"])[key], value, err_msg=key)
+
+
 # --- conversion errors -------------------------------------------------------------------------
 
 def _case_tensors(name):
