@@ -175,17 +175,19 @@ def _match_layout(src: Any, tgt: Any) -> Any:
     return {k: _match_layout(v, tgt[k]) if k in tgt else v for k, v in src.items()}
 
 
+def _grid(vit: ViT) -> tuple[int, int]:
+    size = vit.image_size
+    return tuple(s // p for s, p in zip((size, size) if isinstance(size, int) else size, vit.dims()[4]))
+
+
 def _resample_table(value: np.ndarray, want: tuple[int, ...], src_vit: ViT, tgt_vit: ViT | None,
                     big_vision_style: bool) -> np.ndarray | None:
     """The source's learned position table at the target's grid, or None if the layouts do not line up."""
     src_prefix = int(src_vit.class_token and src_vit.pos_embed_includes_cls)
     tgt_prefix = int(tgt_vit.class_token and tgt_vit.pos_embed_includes_cls) if tgt_vit else src_prefix
-    _, _, _, _, patch = src_vit.dims()
-    size = src_vit.image_size
-    old = tuple(s // p for s, p in zip((size, size) if isinstance(size, int) else size, patch))
+    old = _grid(src_vit)
     if tgt_vit is not None:
-        tsize = tgt_vit.image_size
-        new = tuple(s // p for s, p in zip((tsize, tsize) if isinstance(tsize, int) else tsize, tgt_vit.dims()[4]))
+        new = _grid(tgt_vit)
     else:
         side = int(round((want[1] - tgt_prefix) ** 0.5))
         new = (side, side)
@@ -262,9 +264,10 @@ def merge_pretrained(params: Any, path: str | pathlib.Path, *, model: nn.Module 
         if any(key == p or key.startswith(p.rstrip("/") + "/") for p in keep_init) or value is None:
             kept.append(key)
             continue
-        if tuple(value.shape) == want:
+        position_table = key in ("pos_embed", "image_tower/pos_embed") and src_vit is not None
+        if tuple(value.shape) == want and not (position_table and _grid(src_vit) != _grid(tgt_vit or src_vit)):
             merged[key] = value
-        elif key.split("/")[-1] == "pos_embed" and key in ("pos_embed", "image_tower/pos_embed") and src_vit:
+        elif position_table:
             table = _resample_table(np.asarray(value), want, src_vit, tgt_vit, fmt == "big_vision")
             if table is None:
                 mismatched.append(f"{key} {tuple(value.shape)} vs {want}")
