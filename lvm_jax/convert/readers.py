@@ -123,9 +123,11 @@ def _unwrap(obj: Any, path: pathlib.Path) -> dict[str, Any]:
     for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    if any(k.startswith("backbone.") for k in tensors) and not any(k.startswith("blocks.") for k in tensors):
-        # A DINOv2 training checkpoint's teacher: keep the backbone, drop the DINO/iBOT heads.
-        tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    for prefix in ("teacher.backbone.", "backbone."):
+        # DINOv2 training checkpoints: keep the (teacher) backbone, drop the DINO/iBOT heads.
+        if any(k.startswith(prefix) for k in tensors) and not any(k.startswith("blocks.") for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            break
     return tensors
 
 
