@@ -116,7 +116,7 @@ def split_tower_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     text: dict[str, Any] = {}
     for key, value in overrides.items():
         if key in clip_fields:
-            out[key] = value
+            out[key] = dict(value) if isinstance(value, Mapping) else value  # never mutate the caller's dict
             continue
         if key not in vit_fields and key not in text_fields:
             raise ConversionError(f"Unknown override {key!r} for CLIP; valid: CLIP fields {sorted(clip_fields)} "
