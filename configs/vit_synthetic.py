@@ -23,7 +23,7 @@ def get_config(arg=None):
         num_classes=None,  # None: taken from the data source
         pool="gap", class_token=False, pos_embed="learned",
         drop_path_rate=0.0, dtype="float32", param_dtype="float32",
-        attention_impl="xla", remat="none", scan_layers=False,
+        stem="patch", attention_impl="xla", remat="none", scan_layers=False,
     ))
 
     c.data = ml_collections.ConfigDict(dict(

@@ -192,16 +192,18 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     """
     import optax
 
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    # Masked transforms (optax.masked / multi_transform, e.g. a frozen LiT tower) hold a MaskedNode
+    # where a parameter is masked out; it stays a MaskedNode (an empty subtree) in the specs.
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     param_specs = nn.get_partition_spec(abstract_state.params)
     unboxed_params = nn.meta.unbox(abstract_state.params)
     opt_specs = optax.tree_map_params(
         abstract_state.tx,
-        lambda _, spec: spec,
+        lambda x, spec: x if is_masked(x) else spec,
         abstract_state.opt_state,
         param_specs,
         transform_non_params=lambda _: P(),
-        is_leaf=is_spec,
+        is_leaf=is_masked,
     )
     del unboxed_params
     specs = abstract_state.replace(

@@ -326,3 +326,21 @@ def test_matches_timm_vision_transformer(size):
   model = ViT(**TINY, num_classes=5, num_registers=2, layerscale_init=0.1, pos_embed_includes_cls=False)
   got = model.apply({"params": _timm_to_flax(ref.state_dict(), 2, 2)}, images)["logits"]
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
+  import jax
+  import jax.numpy as jnp
+  import pytest as _pytest
+  from lvm_jax.models import ViT
+  model = ViT(None, width=32, depth=1, num_heads=2, patch_size=4, image_size=16, num_classes=3,
+              stem="conv", pool="gap", class_token=False)
+  x = jnp.ones((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  out = model.apply(variables, x)
+  assert out["patch_tokens"].shape == (2, 16, 32) and out["logits"].shape == (2, 3)
+  stem = variables["params"]["conv_stem"]
+  assert [stem[f"conv_{i}"]["kernel"].shape for i in range(2)] == [(3, 3, 3, 16), (3, 3, 16, 16)]
+  with _pytest.raises(ValueError, match="power-of-two patch"):
+    ViT(None, width=32, depth=1, num_heads=2, patch_size=6, image_size=12, stem="conv").init(
+        jax.random.PRNGKey(0), jnp.ones((1, 12, 12, 3)))

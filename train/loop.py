@@ -86,6 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         worker_count=int(config.data.get("worker_count", 0)), drop_remainder=True)
     train_iter = iter(loader)
     task.total_steps = total_steps
+    task.workdir = workdir
 
     # --- State: created already sharded, or restored -------------------------------------------
     rng = jax.random.PRNGKey(int(config.get("seed", 0)))
@@ -259,6 +260,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | pathli
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     task = get_task(config, mesh)
     task.total_steps = int(config.get("total_steps") or 1)
+    task.workdir = workdir
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:

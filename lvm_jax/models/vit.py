@@ -62,6 +62,38 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
   return (x, x) if isinstance(x, int) else tuple(x)
 
 
+class ConvStem(nn.Module):
+  """Convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better").
+
+  log2(patch) 3x3 stride-2 convs (channels doubling up to width/2, LayerNorm + ReLU), then a
+  1x1 conv to `width`: same token grid as a patch-p embedding, much better sample efficiency
+  for small ViTs on small data. `[B, H, W, C] -> [B, H/p, W/p, width]`; needs a square
+  power-of-two patch.
+  """
+  width: int
+  patch: tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    p = self.patch[0]
+    if self.patch[0] != self.patch[1] or p < 2 or p & (p - 1):
+      raise ValueError(f"stem='conv' needs a square power-of-two patch size, got {self.patch}.")
+    num_convs = p.bit_length() - 1
+    for i in range(num_convs):
+      channels = max(self.width // 2 ** (num_convs - i), 16)
+      x = nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", use_bias=False, dtype=self.dtype,
+                  param_dtype=self.param_dtype,
+                  kernel_init=logical(nn.initializers.he_normal(), (None, None, None, None)),
+                  name=f"conv_{i}")(x)
+      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=f"norm_{i}")(x)
+      x = nn.relu(x)
+    return nn.Conv(self.width, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                   bias_init=logical(zeros_init, ("embed",)), name="proj")(x)
+
+
 class ViT(nn.Module):
   """Vision Transformer over `[B, H, W, C]` images (see module docstring for the param tree)."""
   variant: str | None = "B/16"
@@ -79,6 +111,7 @@ class ViT(nn.Module):
   pos_embed_interp: str = "bicubic_antialias"  # see pos_embed.POS_EMBED_INTERP
   pos_embed_includes_cls: bool = True  # timm/DINOv2/CLIP store a cls position; big_vision does not
   patch_bias: bool = True  # CLIP's conv1 has no bias
+  stem: str = "patch"  # 'patch' (one strided conv) | 'conv' (Xiao et al. 2021 convolutional stem)
   layerscale_init: float | None = None
   ffn: str = "mlp"  # 'mlp' | 'swiglu'
   qkv_bias: bool = True
@@ -157,10 +190,16 @@ class ViT(nn.Module):
     grid = (height // patch[0], wid // patch[1])
     num_patches = grid[0] * grid[1]
 
-    x = nn.Conv(width, patch, strides=patch, padding="VALID", use_bias=self.patch_bias,
-                dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=logical(zeros_init, ("embed",)), name="patch_embed")(images.astype(self.dtype))
+    x = images.astype(self.dtype)
+    if self.stem == "conv":
+      x = ConvStem(width, patch, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_stem")(x)
+    elif self.stem != "patch":
+      raise ValueError(f"Unknown stem {self.stem!r}; choose 'patch' or 'conv'.")
+    else:
+      x = nn.Conv(width, patch, strides=patch, padding="VALID", use_bias=self.patch_bias,
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                  bias_init=logical(zeros_init, ("embed",)), name="patch_embed")(x)
     x = x.reshape(batch, num_patches, width)
 
     if self.use_mask_token:

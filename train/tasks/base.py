@@ -25,6 +25,7 @@ class Task:
     """
 
     name = "base"
+    workdir = None  # set by the loop: where a task may write extra outputs (e.g. DIR/plots)
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
         self.config = config
