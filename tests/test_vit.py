@@ -331,6 +331,7 @@ def test_matches_timm_vision_transformer(size):
 def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
   import jax
   import jax.numpy as jnp
+  import flax.linen as nn
   import pytest as _pytest
   from lvm_jax.models import ViT
   model = ViT(None, width=32, depth=1, num_heads=2, patch_size=4, image_size=16, num_classes=3,
@@ -339,7 +340,7 @@ def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
   variables = model.init(jax.random.PRNGKey(0), x)
   out = model.apply(variables, x)
   assert out["patch_tokens"].shape == (2, 16, 32) and out["logits"].shape == (2, 3)
-  stem = variables["params"]["conv_stem"]
+  stem = nn.meta.unbox(variables["params"])["conv_stem"]
   assert [stem[f"conv_{i}"]["kernel"].shape for i in range(2)] == [(3, 3, 3, 16), (3, 3, 16, 16)]
   with _pytest.raises(ValueError, match="power-of-two patch"):
     ViT(None, width=32, depth=1, num_heads=2, patch_size=6, image_size=12, stem="conv").init(
