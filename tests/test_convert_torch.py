@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
