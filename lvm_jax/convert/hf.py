@@ -296,6 +296,8 @@ def _vit_kind(vit) -> str:
         problems.append("HF ViT/DINOv2 need a class token and pool='cls'")
     if vit.pos_embed != "learned":
         problems.append("a learned position table")
+    if getattr(vit, "stem", "patch") != "patch":
+        problems.append("a patch-embedding stem (not a convolutional stem)")
     if vit.pre_norm or vit.fc_norm or not vit.final_norm or not vit.patch_bias:
         problems.append("no pre_norm / fc_norm, a final norm and a patch-embedding bias")
     if vit.act not in _HF_ACT:
