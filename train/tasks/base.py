@@ -45,6 +45,16 @@ class Task:
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         raise NotImplementedError
 
+    def load_pretrained(self, state: TrainState, path: str) -> TrainState:
+        """`config.init_from`: merge converted/pretrained weights into the fresh (sharded) params.
+
+        Heads of another size and leaves the checkpoint lacks keep their init; the
+        position table is resampled to the model's image size (see lvm_jax.convert).
+        """
+        from lvm_jax.convert import merge_pretrained
+
+        return state.replace(params=merge_pretrained(state.params, path, model=self.model))
+
     # --- evaluation -----------------------------------------------------------------------
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
         return {}
