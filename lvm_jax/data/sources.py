@@ -40,11 +40,22 @@ def register_source(name: str, factory: SourceFactory) -> SourceFactory:
   return factory
 
 
+# Sources whose modules are imported only when asked for (they pull in extra dependencies).
+LAZY_SOURCES = {
+    "captions": "lvm_jax.data.captions:build_captions_source",
+    "webdataset": "lvm_jax.data.captions:build_webdataset_source",
+    "manifest": "lvm_jax.data.manifest:build_manifest_source",
+}
+
+
 def build_source(data_cfg, split: str = "train"):
   """The data source named by ``data_cfg.source`` for split 'train' or 'eval'."""
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
   name = data_cfg.get("source", "synthetic") or "synthetic"
+  if name not in SOURCES and name in LAZY_SOURCES:
+    module, _, factory = LAZY_SOURCES[name].partition(":")
+    register_source(name, getattr(importlib.import_module(module), factory))
   if name not in SOURCES:
     try:  # convention: lvm_jax/data/<name>.py registers itself on import
       importlib.import_module(f"lvm_jax.data.{name}")
@@ -52,7 +63,7 @@ def build_source(data_cfg, split: str = "train"):
       if e.name != f"lvm_jax.data.{name}":
         raise
   if name not in SOURCES:
-    raise ValueError(f"unknown data.source {name!r}; choose one of {sorted(SOURCES)}.")
+    raise ValueError(f"unknown data.source {name!r}; choose one of {sorted(set(SOURCES) | set(LAZY_SOURCES))}.")
   return SOURCES[name](data_cfg, split)
 
 
