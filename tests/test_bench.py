@@ -1,0 +1,302 @@
+"""lvm-bench correctness: analytic FLOPs vs the dots XLA is given and its cost analysis, the JSON schema,
+the device peak table, the suite driver and the CLI's one-line errors. No test looks at a timing."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lvm_jax import flops as F
+from lvm_jax.bench import cli, measure, suite
+from lvm_jax.bench import jax_workloads as J
+from lvm_jax.models.clip import CLIP
+from lvm_jax.models.heads import DINOiBOTHeads
+from lvm_jax.models.vit import ViT
+
+# ----------------------------------------------------------------------------- an independent FLOP counter
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]\S*\s+([\w\-]+)\((.*?)\)(.*)$")
+
+
+def hlo_matmul_flops(hlo_text: str) -> int:
+  """2 x MACs of every dot and convolution in an HLO module's text (shapes read from the text itself)."""
+  shapes: dict[str, list[int]] = {}
+  total = 0
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, _, dims, op, operands, attrs = m.groups()
+    out = [int(d) for d in dims.split(",") if d]
+    shapes[name] = out
+    args = re.findall(r"%?([\w.\-]+)(?:,|$)", operands.replace(" ", ""))
+    if op == "dot":
+      lhs = shapes[args[0]]
+      contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
+      k = math.prod(lhs[int(i)] for i in contract.split(",") if i)
+      total += 2 * math.prod(out) * k
+    elif op == "convolution":
+      rhs = shapes[args[1]]
+      rhs_labels = re.search(r"dim_labels=\w+_(\w+)->", attrs).group(1)
+      groups = re.search(r"feature_group_count=(\d+)", attrs)
+      per_output = math.prod(size for size, label in zip(rhs, rhs_labels) if label not in "o")
+      total += 2 * math.prod(out) * per_output // (int(groups.group(1)) if groups else 1)
+  return total
+
+
+def _hlo_dots(fn, *args) -> int:
+  """Matmul FLOPs of the HLO JAX hands to XLA for `fn(*args)` (lowered, not compiled)."""
+  return hlo_matmul_flops(jax.jit(fn).lower(*args).as_text(dialect="hlo"))
+
+
+def _hlo_and_cost(fn, *args) -> tuple[int, float]:
+  """(matmul FLOPs of the HLO, XLA's cost-analysis FLOPs of the compiled program)."""
+  lowered = jax.jit(fn).lower(*args)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return hlo_matmul_flops(lowered.as_text(dialect="hlo")), float(cost["flops"])
+
+
+def test_hlo_counter_counts_a_known_dot_and_conv():
+  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+  dots, cost = _hlo_and_cost(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), a, b)
+  assert dots == cost == 2 * 2 * 3 * 5 * 4
+  x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((4, 4, 3, 6))
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (4, 4), "VALID",  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert _hlo_dots(conv, x, w) == 2 * (2 * 2 * 2 * 6) * (4 * 4 * 3)
+  # the weight gradient is a convolution with other dim_labels: same MAC count
+  assert _hlo_dots(jax.grad(lambda w: jnp.sum(conv(x, w))), w) == 2 * (2 * 2 * 2 * 6) * (4 * 4 * 3)
+
+
+# ----------------------------------------------------------------------------- analytic FLOPs vs XLA
+
+TINY_VIT = dict(variant=None, width=64, depth=2, num_heads=4, mlp_dim=256, patch_size=8, image_size=32,
+                num_classes=10)
+
+
+def _ce_grad(model, params, images, labels):
+  def loss(p):
+    logits = model.apply({"params": p}, images, train=True)["logits"]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return jax.grad(loss)(params)
+
+
+def _vit_case(**kw):
+  model = ViT(**{**TINY_VIT, **kw})
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  return model, params, images, jnp.arange(3) % 10
+
+
+@pytest.mark.parametrize("kw", [dict(pool="gap"), dict(pool="cls", num_registers=2, rep_size=32),
+                                dict(pool="gap", ffn="swiglu"), dict(pool="map")])
+def test_vit_flops_match_the_dots_jax_emits(kw):
+  model, params, images, labels = _vit_case(**kw)
+  fwd = lambda p, x: model.apply({"params": p}, x)["logits"]  # noqa: E731
+  assert F.vit_flops(model, 32, 3, train=False) == _hlo_dots(fwd, params, images)
+  assert F.vit_flops(model, 32, 3, train=True) == _hlo_dots(lambda p: _ce_grad(model, p, images, labels), params)
+
+
+def test_vit_flops_against_xla_cost_analysis():
+  """XLA's cost analysis of the compiled program counts the same matmuls plus the elementwise
+  work (norms, GELU, softmax), which is small next to them."""
+  model, params, images, labels = _vit_case(pool="gap")
+  params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+  fwd_dots, fwd_cost = _hlo_and_cost(lambda p, x: model.apply({"params": p}, x)["logits"], params, images)
+  train_dots, train_cost = _hlo_and_cost(lambda p: _ce_grad(model, p, images, labels), params)
+  assert fwd_dots <= fwd_cost <= 1.3 * fwd_dots
+  assert train_dots <= train_cost <= 1.3 * train_dots
+
+
+def test_vit_train_is_about_three_forwards():
+  model = ViT(variant="S/16", num_classes=1000)
+  fwd, train = F.vit_flops(model, 224, 1, False), F.vit_flops(model, 224, 1, True)
+  assert 2.9 < train / fwd < 3.0
+  # timm's published count for vit_small_patch16_224: 4.6 GMACs per image.
+  assert abs(fwd / 2 / 1e9 - 4.6) < 0.05
+
+
+def test_clip_flops_match_xla():
+  from lvm_jax.objectives.contrastive import l2_normalize, softmax_contrastive_loss
+
+  model = CLIP(embed_dim=32, vision=dict(variant=None, width=48, depth=2, num_heads=3, mlp_dim=96, patch_size=8,
+                                         image_size=16),
+               text=dict(vocab_size=100, context_length=12, width=32, depth=2, num_heads=2))
+  batch = 4
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 16, 16, 3)), jnp.float32)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 99, (batch, 12)), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+
+  def loss(p):
+    out = model.apply({"params": p}, images, tokens, train=True)
+    return softmax_contrastive_loss(l2_normalize(out["image"]), l2_normalize(out["text"]),
+                                    jnp.exp(out["logit_scale"]))
+
+  fwd = lambda p: model.apply({"params": p}, images, tokens)  # noqa: E731
+  logits = lambda p: (lambda o: l2_normalize(o["image"]) @ l2_normalize(o["text"]).T)(fwd(p))  # noqa: E731
+  assert F.clip_flops(model, 16, 12, batch, train=False) == _hlo_dots(logits, params)
+  assert F.clip_flops(model, 16, 12, batch, train=True) == _hlo_dots(jax.grad(loss), params)
+
+
+def test_dinov2_flops_match_the_bench_step_within_the_loss_matmuls():
+  """The analytic count leaves out the loss-level products (DINO cross-entropy pairs, KoLeo Gram
+  matrix): a fraction of a percent at the recipe's sizes, a few percent in this tiny model."""
+  spec = J.Spec(model="dinov2", variant="Ti/14", batch=4, res=28, mode="train", dtype="float32")
+  backbone = J.dinov2_backbone(spec)
+  arrays, slots = J.dinov2_batch(spec, np.random.default_rng(0))
+  expected = F.dinov2_flops(backbone, F.DinoHeadDims(192, J.DINO_PROTOTYPES), 28, J.DINO_LOCAL_SIZE,
+                            J.DINO_LOCAL, slots, spec.batch)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  captured = {}
+  original = J.train_workload
+
+  def capture(spec_, mesh_, init, step, batch, *rest):
+    captured.update(init=init, step=step, batch=batch)
+    raise _Stop
+
+  J.train_workload = capture
+  try:
+    with pytest.raises(_Stop):
+      J.build_dinov2(spec, mesh)
+  finally:
+    J.train_workload = original
+  state = jax.eval_shape(lambda: jax.tree_util.tree_map(lambda x: x, _unbox(captured["init"](jax.random.key(0)))))
+  lowered = jax.jit(captured["step"]).lower(state, {k: jnp.asarray(v) for k, v in arrays.items()})
+  dots = hlo_matmul_flops(lowered.as_text(dialect="hlo"))
+  assert expected <= dots <= 1.05 * expected
+
+
+class _Stop(Exception):
+  pass
+
+
+def _unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+def test_dino_head_flops_count_every_layer():
+  head = F.DinoHeadDims(input_dim=8, num_prototypes=50, hidden_dim=16, bottleneck_dim=4, num_layers=3)
+  x = jnp.ones((5, 8))
+  module = DINOiBOTHeads(num_prototypes=50, hidden_dim=16, bottleneck_dim=4, num_layers=3)
+  params = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+  dots = _hlo_dots(lambda p: module.apply({"params": p}, x)[0], params)
+  assert F.dino_head_flops(head, 5) == dots
+
+
+# ----------------------------------------------------------------------------- peaks
+
+@pytest.mark.parametrize("kind,dtype,peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0), ("NVIDIA H100 PCIe", "bfloat16", 756.0),
+    ("NVIDIA H200", "float32", 494.7), ("NVIDIA A100-SXM4-40GB", "float32", 156.0),
+    ("TPU v5 lite", "bfloat16", 197.0), ("TPU v5", "bfloat16", 459.0), ("TPU v4", "float32", 275.0),
+    ("TPU v6 lite", "bfloat16", 918.0), ("cpu", "float32", None)])
+def test_device_peak_table(kind, dtype, peak):
+  assert measure.device_peak_tflops(kind, dtype) == peak
+
+
+# ----------------------------------------------------------------------------- CLI: JSON and errors
+
+METRICS = ("img_per_s", "step_ms", "step_ms_min", "step_ms_max", "compile_s", "tflops", "mfu", "peak_mem_gb",
+           "tflop_per_step", "xla_tflop_per_step", "framework", "impl", "notes")
+
+
+def test_cli_json_schema_with_torch(tmp_path, capsys):
+  pytest.importorskip("timm")
+  out = tmp_path / "bench.json"
+  assert cli.main(["--model", "vit", "--variant", "Ti/16", "--batch", "8", "--res", "32", "--mode", "fwd",
+                   "--steps", "2", "--warmup", "0", "--compare", "torch", "--scan-layers", "--json", str(out)]) == 0
+  text = capsys.readouterr().out
+  assert "| framework |" in text and "MFU" in text and "jax / timm" in text
+  payload = json.loads(out.read_text())
+  assert payload["schema"] == "lvm-bench/1"
+  assert "measured" in payload["peak_source"] and payload["peak_tflops"] > 0
+  assert [r["framework"] for r in payload["results"]] == ["jax", "torch"]
+  for row in payload["results"]:
+    assert set(METRICS) <= set(row)
+    assert row["step_ms_min"] <= row["step_ms"] <= row["step_ms_max"]
+    assert row["img_per_s"] == pytest.approx(8 / (row["step_ms"] / 1e3), rel=1e-3)
+    assert row["tflops"] == pytest.approx(row["tflop_per_step"] / (row["step_ms"] / 1e3), rel=1e-2)
+    assert row["mfu"] == pytest.approx(row["tflops"] / payload["peak_tflops"], rel=1e-2)
+    assert row["steps_timed"] == 2
+  jax_row, torch_row = payload["results"]
+  assert jax_row["tflop_per_step"] == torch_row["tflop_per_step"]
+  assert jax_row["peak_mem_gb"] > 0
+  (ratio,) = payload["ratios"]
+  assert ratio["ratio"] == pytest.approx(jax_row["img_per_s"] / torch_row["img_per_s"], rel=1e-3)
+  assert payload["env"]["backend"] == "cpu"
+
+
+def test_missing_torch_module_is_one_clear_message(monkeypatch):
+  from lvm_jax.bench import torch_workloads as T
+
+  monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` raise ImportError
+  with pytest.raises(T.TorchMissing, match=r"needs open_clip.*pip install open_clip_torch"):
+    T.import_torch("open_clip")
+
+
+def test_data_pipeline_benchmark(tmp_path):
+  pytest.importorskip("grain")
+  out = tmp_path / "data.json"
+  assert cli.main(["--model", "data", "--batch", "8", "--res", "32", "--steps", "2", "--warmup", "1",
+                   "--json", str(out)]) == 0
+  (row,) = json.loads(out.read_text())["results"]
+  assert row["framework"] == "grain" and row["img_per_s"] > 0 and row["mfu"] is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "choose what to benchmark"),
+    (["--model", "vit", "--variant", "X/16"], "Unknown ViT variant"),
+    (["--model", "vit", "--variant", "S"], "has no patch size"),
+    (["--model", "vit", "--res", "100"], "not a multiple of the patch size 16"),
+    (["--model", "vit", "--mesh", "data=2,pipe=1"], "--mesh"),
+    (["--model", "vit", "--mesh", "data=x"], "is not an integer"),
+    (["--model", "data", "--compare", "torch"], "--model data times only the input pipeline"),
+    (["--model", "vit", "--attention", "cudnn"], "needs --dtype bfloat16"),
+    (["--model", "vit", "--steps", "0"], "--steps must be >= 1"),
+    (["--model", "vit", "--variant", "Ti/16", "--res", "32", "--batch", "3", "--mesh", "data=8"],
+     "not divisible by the data-parallel size 8"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as exc:
+    cli.main(argv)
+  assert exc.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- the suite driver
+
+def test_suite_merges_rows_skips_when_out_of_budget_and_survives_failures(tmp_path, monkeypatch):
+  """Rows are stand-in processes here: the driver's bookkeeping is what is tested."""
+  row = {"results": [{"framework": "jax", "model": "vit", "img_per_s": 10.0}], "ratios": [],
+         "env": {"backend": "gpu"}, "peak_tflops": 989.0}
+  script = "import json,sys; json.dump(%r, open(sys.argv[1], 'w'))" % row
+
+  def fake_command(model, variant, batch, extra, torch_compile, json_path, steps, warmup):
+    if model == "clip":  # a row that crashes
+      return [sys.executable, "-c", "raise SystemExit(3)"]
+    return [sys.executable, "-c", script, json_path]
+
+  monkeypatch.setattr(suite, "row_command", fake_command)
+  monkeypatch.setattr(suite, "GPU_ROWS", [("vit", "B/16", 8, [], True), ("clip", "B/16", 8, [], True),
+                                          ("vit", "L/16", 8, [], True)])
+  monkeypatch.setattr(suite, "MIN_ROW_S", 0.0)
+  out = tmp_path / "suite.json"
+  args = cli.build_parser().parse_args(["--suite", "gpu", "--json", str(out), "--budget-s", "120"])
+  assert suite.run_suite(args) == 0
+  payload = json.loads(out.read_text())
+  assert [r["status"] for r in payload["rows"]] == ["ok", "failed (exit 3)", "ok"]
+  assert len(payload["results"]) == 2
+  # Out of budget: every row is skipped, and the file still says why.
+  monkeypatch.setattr(suite, "MIN_ROW_S", 1e9)
+  assert suite.run_suite(args) == 0
+  assert all(r["status"].startswith("skipped") for r in json.loads(out.read_text())["rows"])
