@@ -77,14 +77,19 @@ def _embeddings_parser(sub) -> None:
     g.add_argument("--all-clusters", action="store_true",
                    help="hierarchical: sample the whole pool, not only clusters holding queries")
     g.add_argument("--seed", type=int, default=0)
+    from lvm_jax.curation.index import IndexConfig
+    d = IndexConfig()
     g = p.add_argument_group("index")
-    g.add_argument("--index", default="auto", choices=("auto", "flat", "ivf"))
-    g.add_argument("--exact-max", type=int, default=50_000, help="auto: exact search up to this pool size")
-    g.add_argument("--nlist", type=int, default=0, help="IVF lists; 0 = auto")
-    g.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (recall/speed)")
-    g.add_argument("--dedup-nprobe", type=int, default=8, help="IVF lists probed per pool vector in dedup")
+    g.add_argument("--index", default=d.kind, choices=("auto", "flat", "ivf"))
+    g.add_argument("--exact-max", type=int, default=d.exact_max, help="auto: exact search up to this pool size")
+    g.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists; 0 = auto")
+    g.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists probed per query (recall/speed)")
+    g.add_argument("--target-recall", type=float, default=d.target_recall,
+                   help="raise nprobe until retrieval recall@k vs exact search reaches this (0: off)")
+    g.add_argument("--dedup-nprobe", type=int, default=d.dedup_nprobe,
+                   help="IVF lists probed per pool vector in self-dedup")
     g.add_argument("--recall-sample", type=int, default=256,
-                   help="queries checked against exact search for the recall estimate (0: skip)")
+                   help="curated queries checked against exact search to tune nprobe (0: skip)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     _distributed_args(p)
@@ -98,7 +103,7 @@ def embeddings_config(args) -> dict:
                        per_cluster=args.per_cluster, levels=tuple(args.levels),
                        target_size=args.target_size, queries_only=not args.all_clusters, seed=args.seed),
         index=dict(kind=args.index, exact_max=args.exact_max, nlist=args.nlist, nprobe=args.nprobe,
-                   dedup_nprobe=args.dedup_nprobe, seed=args.seed),
+                   target_recall=args.target_recall, dedup_nprobe=args.dedup_nprobe, seed=args.seed),
         recall_sample=args.recall_sample,
         report=dict(enabled=not args.no_report),
     )

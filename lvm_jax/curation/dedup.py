@@ -117,10 +117,8 @@ def reference_deduplicate(index: PoolIndex, result: DedupResult, references: Seq
     for set_index, ref in enumerate(references):
         result.reference_names.append(ref.name)
         for start, x in ref.chunks(chunk=index.cfg.chunk):
-            sims, rows = index.search(x, min(k, n), desc=f"reference {ref.name}")
-            hit = (sims > threshold) & (rows >= 0)
-            qi, ki = np.nonzero(hit)
-            comp, s = result.component[rows[qi, ki]], sims[qi, ki]
+            qi, rows, s = index.pairs_above(threshold, k, queries=x, desc=f"reference {ref.name}")
+            comp = result.component[rows]
             # Best reference vector per touched component (ties: first seen).
             order = np.lexsort((-s, comp))
             comp, s, qi = comp[order], s[order], qi[order]

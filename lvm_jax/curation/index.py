@@ -21,11 +21,15 @@ searches only that slice, and the per-process top-k lists are merged.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import functools
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -242,6 +246,46 @@ class Comm:
 
 
 # ----------------------------------------------------------------------------
+# NumPy's BLAS threads
+# ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def numpy_blas_threads(n: int):
+    """Temporarily sets the thread count of NumPy's bundled OpenBLAS (no-op if not found).
+
+    The IVF scans run many mid-sized matrix products from parallel Python threads;
+    a multi-threaded BLAS under each of them mostly spins (3-5x the CPU time
+    measured on 2 cores).  threadpoolctl would do this for any BLAS; NumPy's wheels
+    bundle scipy-openblas, whose C API is reached directly here.
+    """
+    lib = _numpy_openblas()
+    if lib is None:
+        yield
+        return
+    before = lib.scipy_openblas_get_num_threads64_()
+    lib.scipy_openblas_set_num_threads64_(int(n))
+    try:
+        yield
+    finally:
+        lib.scipy_openblas_set_num_threads64_(before)
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_openblas():
+    import ctypes
+    import glob
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                  "libscipy_openblas*.so*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+            lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_  # noqa: B018
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+# ----------------------------------------------------------------------------
 # Top-k helpers
 # ----------------------------------------------------------------------------
 def merge_topk(sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -298,7 +342,10 @@ class IndexConfig:
 
     kind: 'auto' (exact up to `exact_max` pool vectors, IVF above), 'flat' or 'ivf'.
     nlist: IVF lists; 0 picks 2**round(log2(2 * sqrt(N))) (~2k lists for 1M vectors).
-    nprobe: lists probed per retrieval / reference query (recall/speed knob).
+    nprobe: lists probed per retrieval / reference query (the recall/speed knob): the
+      starting value; retrieval doubles it until the recall@k measured against exact
+      search on `recall_sample` queries (pipeline setting) reaches `target_recall`.
+    target_recall: 0 disables the tuning (nprobe is then used as given).
     dedup_nprobe: lists probed per pool vector in self-deduplication; near-duplicates
       (cosine > 0.6) almost always share a list, so few probes suffice.
     """
@@ -306,10 +353,12 @@ class IndexConfig:
     exact_max: int = 50_000
     nlist: int = 0
     nprobe: int = 32
-    dedup_nprobe: int = 8
+    target_recall: float = 0.95
+    dedup_nprobe: int = 4
     train_points_per_list: int = 32
     kmeans_iters: int = 10
     chunk: int = 32768
+    threads: int = 0  # IVF scan threads; 0 = one per CPU
     seed: int = 0
 
     @classmethod
@@ -368,6 +417,7 @@ class PoolIndex:
         n = len(pool)
         self.kind, self.nlist = self.cfg.resolve(n)
         self.lo, self.hi = self.comm.row_range(n)
+        self.threads = self.cfg.threads or os.cpu_count() or 1
         d = pool.dim
         self.probes = None  # [hi - lo, dedup_nprobe] IVF lists nearest each local row
         if self.kind == "flat":
@@ -406,15 +456,31 @@ class PoolIndex:
 
     # -- k nearest neighbours ------------------------------------------------
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               desc: str = "search") -> tuple[np.ndarray, np.ndarray]:
+               desc: str = "search", nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k cosine neighbours of normalised `queries` ``[Q, D]`` among the pool rows.
 
         allowed: optional bool ``[N]``; rows set False are never returned.
+        nprobe: IVF lists to probe (default: cfg.nprobe).
         Returns (similarities float32 ``[Q, k]``, global rows int64 ``[Q, k]``, -1 = none),
         merged over all processes.
         """
         queries = np.ascontiguousarray(queries, np.float32)
-        params, keep_alive = self._params(allowed)
+        if self.kind == "flat":
+            sims, rows = self._search_flat(queries, k, allowed, desc)
+        else:
+            sims, rows = self._search_ivf(queries, k, allowed, min(nprobe or self.cfg.nprobe, self.nlist), desc)
+        if self.comm.size > 1:
+            all_s = self.comm.allgather(sims[None]).transpose(1, 0, 2).reshape(len(queries), -1)
+            all_r = self.comm.allgather(rows[None]).transpose(1, 0, 2).reshape(len(queries), -1)
+            sims, rows = merge_topk(all_s, all_r, k)
+        rows = np.where(np.isfinite(sims) & (rows >= 0), rows, -1)
+        return sims, rows
+
+    def _search_flat(self, queries, k, allowed, desc):
+        params, bitmap = None, None
+        if allowed is not None:
+            bitmap = np.packbits(np.asarray(allowed[self.lo:self.hi], bool), bitorder="little")
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(self.hi - self.lo, faiss.swig_ptr(bitmap)))
         sims = np.full((len(queries), k), -np.inf, np.float32)
         rows = np.full((len(queries), k), -1, np.int64)
         chunk = max(1, self.cfg.chunk // 4)
@@ -425,86 +491,136 @@ class PoolIndex:
                     d, i = self.index.search(q, k, params=params)
                     sims[s:s + len(q)], rows[s:s + len(q)] = d, np.where(i >= 0, i + self.lo, -1)
                 bar.update(len(q))
-        del keep_alive
-        if self.comm.size > 1:
-            all_s = self.comm.allgather(sims[None]).transpose(1, 0, 2).reshape(len(queries), -1)
-            all_r = self.comm.allgather(rows[None]).transpose(1, 0, 2).reshape(len(queries), -1)
-            sims, rows = merge_topk(all_s, all_r, k)
-        rows = np.where(np.isfinite(sims) & (rows >= 0), rows, -1)
+        del bitmap  # the selector reads it until here
         return sims, rows
 
-    def _params(self, allowed: np.ndarray | None):
-        nprobe = min(self.cfg.nprobe, self.nlist)
-        if allowed is None:
-            return (faiss.SearchParametersIVF(nprobe=nprobe) if self.kind == "ivf" else None), None
-        bitmap = np.packbits(np.asarray(allowed[self.lo:self.hi], bool), bitorder="little")
-        sel = faiss.IDSelectorBitmap(self.hi - self.lo, faiss.swig_ptr(bitmap))
-        params = (faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if self.kind == "ivf"
-                  else faiss.SearchParameters(sel=sel))
-        return params, (bitmap, sel)
+    def _search_ivf(self, queries, k, allowed, nprobe, desc):
+        probes = None if nprobe >= self.nlist else self.quantizer.search(queries, nprobe)[1]
+        best_s = np.full((len(queries), k), -np.inf, np.float32)
+        best_r = np.full((len(queries), k), -1, np.int64)
 
-    # -- all pairs above a threshold (self-deduplication) ---------------------
-    def self_join(self, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Edges (query row, neighbour row, cosine) with cosine > threshold between pool rows.
+        lock = threading.Lock()  # lists run in parallel; two may update the same query
 
-        Each pool vector queries the index (itself excluded) and keeps its k most
-        similar neighbours above the threshold -- the k-NN graph restricted to
-        near-duplicates.  IVF runs list by list as dense matrix products (every
-        query grouped with the lists it probes), which returns what faiss's IVF
-        range search with ``dedup_nprobe`` returns, several times faster.
-        Merged over processes; every process gets all edges.
+        def visit(qidx, rows, sim):
+            if allowed is not None:
+                sim[:, ~allowed[rows]] = -np.inf
+            kk = min(k, sim.shape[1])
+            part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+            cand_s, cand_r = np.take_along_axis(sim, part, 1), rows[part]
+            with lock:
+                # Only rows whose candidates beat their current k-th best need a merge.
+                better = cand_s.max(1) > best_s[qidx].min(1)
+                if better.any():
+                    q = qidx[better]
+                    best_s[q], best_r[q] = merge_topk(np.concatenate([best_s[q], cand_s[better]], 1),
+                                                      np.concatenate([best_r[q], cand_r[better]], 1), k)
+
+        self._scan(probes, len(queries), lambda idx: queries[idx], visit, desc)
+        return best_s, best_r
+
+    def _scan(self, probes: np.ndarray | None, num_queries: int,
+              vectors_of: Callable[[np.ndarray], np.ndarray],
+              visit: Callable[[np.ndarray, np.ndarray, np.ndarray], None], desc: str) -> None:
+        """Dense IVF scan of this process's lists.
+
+        Every query is grouped with the lists it probes; each list then meets its
+        queries in one matrix product (BLAS), which is what faiss's IVF search
+        computes, query by query, for the same probes.
+        probes: ``[Q, p]`` list ids per query, or None for every list (exact search);
+        vectors_of(query indices) -> ``[n, D]``;
+        visit(query indices ``[n]``, member rows ``[m]`` (global), cosine ``[n, m]``).
         """
-        if self.kind == "flat":
-            q, n, s = self._join_flat(threshold)
+        if probes is None:
+            p, owners, bounds = self.nlist, np.arange(num_queries, dtype=np.int64), None
         else:
-            q, n, s = self._join_ivf(threshold)
+            p = probes.shape[1]
+            flat = probes.reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            owners = (order // p).astype(np.int64)
+            bounds = np.searchsorted(flat[order], np.arange(self.nlist + 1))
+        invlists, d = self.index.invlists, self.pool.dim
+        block = 1 << 23  # similarity entries per matrix product (32 MiB of float32)
+
+        def scan_list(lst: int) -> int:
+            qidx = owners if bounds is None else owners[bounds[lst]:bounds[lst + 1]]
+            size = invlists.list_size(lst)
+            if size and len(qidx):
+                # Views into faiss's inverted list: no copy of the pool.
+                rows = faiss.rev_swig_ptr(invlists.get_ids(lst), size).astype(np.int64) + self.lo
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * d * 4)
+                members = np.frombuffer(codes, np.float32).reshape(size, d)
+                step = max(1, block // size)
+                for s in range(0, len(qidx), step):
+                    part = qidx[s:s + step]
+                    visit(part, rows, vectors_of(part) @ members.T)
+            return len(qidx)
+
+        # Lists in parallel threads (BLAS releases the GIL), each product single-threaded:
+        # many mid-sized products waste far less CPU this way than in a threaded BLAS.
+        with _bar(num_queries * p, desc, "vec", self.progress, 1 / p) as bar, \
+                numpy_blas_threads(1), cf.ThreadPoolExecutor(self.threads) as pool:
+            for done in pool.map(scan_list, range(self.nlist)):
+                bar.update(done)
+
+    # -- all pairs above a threshold (deduplication) ---------------------------
+    def pairs_above(self, threshold: float, k: int, queries: np.ndarray | None = None,
+                    nprobe: int | None = None, desc: str = "dedup"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Edges (query, pool row, cosine) with cosine > threshold, at most k per query.
+
+        queries None: a self-join -- every pool row queries the index (itself
+          excluded; query ids are pool rows), probing ``dedup_nprobe`` IVF lists;
+          near-duplicates (cosine > 0.6) almost always share a list.
+        queries ``[R, D]``: e.g. a reference set (query ids are its rows), probing
+          `nprobe` lists (default cfg.nprobe).
+        The k most similar edges of each query are kept: the k-NN graph restricted
+        to pairs above the threshold, as in DINOv2.  IVF returns what faiss's IVF
+        range search returns for the same probes.  Merged over processes; every
+        process gets all edges.
+        """
+        qs, ns, ss = [], [], []
+        self_join = queries is None
+
+        def visit(qidx, rows, sim):
+            qi, mi = np.nonzero(sim > threshold)
+            q, n = qidx[qi], rows[mi]
+            keep = q != n if self_join else slice(None)
+            qs.append(q[keep]), ns.append(n[keep]), ss.append(sim[qi[keep], mi[keep]])
+
+        if self.kind == "flat":
+            self._pairs_flat(threshold, queries, qs, ns, ss, desc)
+        elif self_join:
+            # Every process needs every row's probes: it scans its own lists for all rows.
+            probes = self.comm.allgather(self.probes)
+            self._scan(probes, len(probes), self.pool.gather, visit, desc)
+        else:
+            queries = np.ascontiguousarray(queries, np.float32)
+            nprobe = min(nprobe or self.cfg.nprobe, self.nlist)
+            probes = None if nprobe >= self.nlist else self.quantizer.search(queries, nprobe)[1]
+            self._scan(probes, len(queries), lambda idx: queries[idx], visit, desc)
+        q, n, s = _cat(qs, np.int64), _cat(ns, np.int64), _cat(ss, np.float32)
         if self.comm.size > 1:
             q, n, s = self.comm.allgather(q), self.comm.allgather(n), self.comm.allgather(s)
         return cap_per_query(q, n, s, k)
 
-    def _join_flat(self, threshold: float):
-        qs, ns, ss = [], [], []
-        with _bar(len(self.pool), "dedup", "vec", self.progress, True) as bar:
-            for start, x in self.pool.chunks(0, len(self.pool), self.cfg.chunk):
+    def self_join(self, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`pairs_above` with the pool itself as the queries."""
+        return self.pairs_above(threshold, k)
+
+    def _pairs_flat(self, threshold: float, queries, qs: list, ns: list, ss: list, desc: str) -> None:
+        source = self.pool.chunks(0, len(self.pool), self.cfg.chunk) if queries is None else \
+            ((s, np.ascontiguousarray(queries[s:s + self.cfg.chunk], np.float32))
+             for s in range(0, len(queries), self.cfg.chunk))
+        total = len(self.pool) if queries is None else len(queries)
+        with _bar(total, desc, "vec", self.progress, True) as bar:
+            for start, x in source:
                 if self.index.ntotal:
                     lims, d, i = self.index.range_search(x, float(threshold))
                     q = np.repeat(np.arange(start, start + len(x)), np.diff(lims).astype(np.int64))
                     n = i.astype(np.int64) + self.lo
-                    keep = (q != n) & (d > threshold)
+                    keep = (d > threshold) & ((q != n) if queries is None else True)
                     qs.append(q[keep]), ns.append(n[keep]), ss.append(d[keep].astype(np.float32))
                 bar.update(len(x))
-        return _cat(qs, np.int64), _cat(ns, np.int64), _cat(ss, np.float32)
-
-    def _join_ivf(self, threshold: float):
-        # Every process needs every row's probe lists: it scans its own lists for all of them.
-        probes = self.comm.allgather(self.probes)
-        nprobe = probes.shape[1]
-        flat = probes.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        query_rows = (order // nprobe).astype(np.int64)
-        bounds = np.searchsorted(flat[order], np.arange(self.nlist + 1))
-        invlists = self.index.invlists
-        d = self.pool.dim
-        block = 1 << 24  # similarity entries per matmul block (64 MiB of float32)
-        qs, ns, ss = [], [], []
-        with _bar(len(flat), "dedup", "vec", self.progress, 1 / nprobe) as bar:
-            for lst in range(self.nlist):
-                qrows = query_rows[bounds[lst]:bounds[lst + 1]]
-                size = invlists.list_size(lst)
-                if size and len(qrows):
-                    ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy() + self.lo
-                    codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * d * 4)
-                    members = np.frombuffer(codes, np.float32).reshape(size, d).copy()
-                    step = max(1, block // size)
-                    for s in range(0, len(qrows), step):
-                        rows = qrows[s:s + step]
-                        sim = self.pool.gather(rows) @ members.T
-                        qi, mi = np.nonzero(sim > threshold)
-                        q, n = rows[qi], ids[mi]
-                        keep = q != n
-                        qs.append(q[keep]), ns.append(n[keep]), ss.append(sim[qi[keep], mi[keep]])
-                bar.update(len(qrows))
-        return _cat(qs, np.int64), _cat(ns, np.int64), _cat(ss, np.float32)
 
 
 def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:

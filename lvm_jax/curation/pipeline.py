@@ -29,7 +29,7 @@ import numpy as np
 
 from lvm_jax.curation import dedup as dd
 from lvm_jax.curation import retrieve as rt
-from lvm_jax.curation.index import (Comm, IndexConfig, PoolIndex, VectorSet, check_dims, exact_knn)
+from lvm_jax.curation.index import Comm, IndexConfig, PoolIndex, VectorSet, check_dims, exact_knn
 from lvm_jax.errors import UserError
 
 
@@ -155,9 +155,13 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
 
     # -- retrieval ---------------------------------------------------------
     k = int(rcfg.k)
-    recall = None
+    recall, nprobe = None, index_cfg.nprobe
+    if mode == "sample" and index.kind == "ivf" and cfg.recall_sample:
+        nprobe, recall = tune_nprobe(index, pool, queries, k, keep, int(cfg.recall_sample),
+                                     index_cfg.target_recall, int(rcfg.seed), comm)
+        lap("tune_nprobe")
     if mode == "sample":
-        sims, rows = index.search(queries, k, keep, desc="retrieve")
+        sims, rows = index.search(queries, k, keep, desc="retrieve", nprobe=nprobe)
         retrieved = rt.best_query_per_row(rows.reshape(-1), np.repeat(np.arange(len(queries)), k),
                                           sims.reshape(-1))
     elif comm.rank == 0:  # clustering modes read the whole pool on process 0
@@ -171,9 +175,6 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
     else:
         retrieved = rt.Retrieval(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     lap("retrieval")
-    if mode == "sample" and index.kind == "ivf" and cfg.recall_sample and comm.rank == 0:
-        recall = estimate_recall(pool, queries, rows, k, keep, int(cfg.recall_sample), int(rcfg.seed))
-        lap("recall_estimate")
 
     if comm.rank != 0:
         return {}
@@ -189,7 +190,7 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
                     duplicate_groups=dd._multi_member_components(result.component)),
         dedup=cfg.dedup.to_dict(),
         retrieval={**rcfg.to_dict(), "levels": list(rcfg.levels)},
-        index=index.describe(),
+        index={**index.describe(), **({"nprobe": min(nprobe, index.nlist)} if index.kind == "ivf" else {})},
         recall_at_k_estimate=recall,
         dim=pool.dim,
         inputs=inputs or {},
@@ -208,15 +209,24 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
     return summary
 
 
-def estimate_recall(pool: VectorSet, queries: np.ndarray, rows: np.ndarray, k: int, keep: np.ndarray,
-                    sample: int, seed: int = 0) -> float:
-    """recall@k of the index's retrieval vs exact search, on `sample` random queries."""
+def tune_nprobe(index: PoolIndex, pool: VectorSet, queries: np.ndarray, k: int, keep: np.ndarray,
+                sample: int, target: float, seed: int, comm: Comm) -> tuple[int, float]:
+    """Smallest nprobe = cfg.nprobe * 2^j whose recall@k vs exact search reaches `target` on
+    `sample` random queries; returns (nprobe, recall measured there)."""
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(queries), min(sample, len(queries)), replace=False))
-    _, exact = exact_knn(pool, queries[pick], k, keep)
-    hits = [len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum())
-            for a, e in zip(rows[pick], exact)]
-    return round(float(np.mean(hits)), 4)
+    exact = np.zeros((len(pick), k), np.int64)
+    if comm.rank == 0:  # ground truth by streaming the whole pool once
+        _, exact = exact_knn(pool, queries[pick], k, keep)
+    exact = comm.broadcast(exact)
+    nprobe = max(1, index.cfg.nprobe)
+    while True:
+        _, rows = index.search(queries[pick], k, keep, desc="tune nprobe", nprobe=nprobe)
+        recall = float(np.mean([len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum())
+                                for a, e in zip(rows, exact)]))
+        if not target or recall >= target or nprobe >= index.nlist:
+            return nprobe, round(recall, 4)
+        nprobe *= 2
 
 
 def write_outputs(out_dir: str, curated: VectorSet, pool: VectorSet, references: Sequence[VectorSet],

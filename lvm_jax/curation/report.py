@@ -81,12 +81,13 @@ def _grid(path: str, rows: list[list[tuple[np.ndarray | None, str]]], title: str
 def _histogram(path: str, retrieved: Retrieval, result: dd.DedupResult, summary: dict) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
+    bins = np.linspace(-1, 1, 201)  # fixed: identical values (exact copies) break auto-binning
     sims = retrieved.similarity[np.isfinite(retrieved.similarity)]
     if len(sims):
-        ax.hist(sims, bins=50, alpha=0.6, label="retrieved (to query)")
+        ax.hist(sims, bins=bins, alpha=0.6, label="retrieved (to query)")
     dup = result.matched_sim[(result.reason != dd.KEPT) & np.isfinite(result.matched_sim)]
     if len(dup):
-        ax.hist(dup, bins=50, alpha=0.6, label="removed duplicates")
+        ax.hist(dup, bins=bins, alpha=0.6, label="removed duplicates")
     ax.axvline(summary["dedup"]["threshold"], color="k", ls="--", lw=1, label="dedup threshold")
     ax.set_xlabel("cosine similarity")
     ax.legend(fontsize=7)
