@@ -1,0 +1,289 @@
+"""DINOv2 task: sharded step == single device, EMA teacher, optimizer param groups vs a NumPy AdamW,
+one compile over 20 steps, kill/resume exactness (teacher, centre, data order), bad input -> one line."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from lvm_jax import data as lvm_data
+from lvm_jax import sharding
+from tests.configs.tiny_dinov2 import tiny_dinov2_config
+from tests.test_resume import _checkpoints, _load, _steps_logged
+from train.__main__ import main as train_main
+from train.loop import abstract_state, compile_train_step, create_state
+from train.tasks import get_task
+
+CONFIG = "tests/configs/tiny_dinov2.py"
+
+
+def _mesh(shape):
+    devices = jax.devices()[: int(np.prod(shape))]
+    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices=devices)
+
+
+def _host_batches(config, n):
+    """`n` real host batches (multi-crop + masks) from the task's own pipeline."""
+    task = get_task(config, _mesh((1, 1, 1)))
+    loader = lvm_data.make_loader(task.train_source(), task.train_transforms(), batch_size=config.batch_size,
+                                  shuffle=True, seed=0)
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _run(mesh_shape, config, batches):
+    """Steps through `batches`; returns (host states before and after every step, metrics, task)."""
+    mesh = _mesh(mesh_shape)
+    task = get_task(config, mesh)
+    rng = jax.random.PRNGKey(0)
+    _, shardings = abstract_state(task, mesh, rng)
+    state = create_state(task, shardings, rng)
+    states = [jax.device_get(state)]
+    with sharding.mesh_context(mesh):
+        step = compile_train_step(task, shardings, batches[0], mesh)
+        metrics = []
+        for b in batches:
+            state, m = step(state, sharding.host_to_global(b, mesh))
+            states.append(jax.device_get(state))
+            metrics.append(jax.device_get(m))
+    return states, state, metrics, task
+
+
+def _config(centering):
+    # Fixed KoLeo groups: the loss must not depend on the mesh; drop-path on, to check its rng too.
+    # LayerScale 0.1, not 1e-5: at the recipe's init every image has almost the same CLS token, so
+    # KoLeo's nearest-neighbour distances (~1e-5) amplify float32 summation-order noise ~100x.
+    return tiny_dinov2_config(**{"dino.centering": centering, "dino.koleo_num_groups": 2,
+                                 "model.drop_path_rate": 0.1, "model.layerscale_init": 0.1,
+                                 "head.separate_ibot_head": centering == "centering"})
+
+
+@pytest.fixture(scope="module")
+def needs_8():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+
+
+@pytest.mark.parametrize("mesh_shape, centering", [((8, 1, 1), "sinkhorn_knopp"), ((2, 2, 2), "centering")])
+def test_sharded_step_matches_single_device(needs_8, mesh_shape, centering):
+    config = _config(centering)
+    batches = _host_batches(config, 2)
+    _, ref_state, ref_metrics, _ = _run((1, 1, 1), config, batches)
+    _, state, metrics, _ = _run(mesh_shape, config, batches)
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "student_feature_std"):
+        np.testing.assert_allclose(metrics[-1][key], ref_metrics[-1][key], rtol=2e-5, err_msg=key)
+    ref = jax.device_get({"params": ref_state.params, "extra": ref_state.extra})
+    got = jax.device_get({"params": state.params, "extra": state.extra})
+    for (path, r), x in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(got)):
+        name = jax.tree_util.keystr(path)
+        if "['key']['bias']" in name:  # softmax ignores it: its gradient is pure rounding noise (~1e-8)
+            assert np.abs(x).max() < 1e-4 and np.abs(r).max() < 1e-4, name
+            continue
+        scale = max(np.abs(r).max(), 1e-3)
+        np.testing.assert_allclose(x, r, rtol=0, atol=2e-5 * scale, err_msg=name)
+    if centering == "centering":  # the centres moved, and both heads' prototypes are sharded on 'tensor'
+        assert np.abs(got["extra"]["dino_center"]).max() > 0 and np.abs(got["extra"]["ibot_center"]).max() > 0
+        proto = state.extra["teacher"]["heads"]["ibot_head"]["prototypes"]
+        assert proto.addressable_shards[0].data.shape == (proto.shape[0], proto.shape[1] // 2)
+
+
+def test_teacher_is_ema_of_student_and_prototypes_frozen():
+    config = _config("sinkhorn_knopp")
+    config.optim.freeze_last_layer_steps = 2
+    states, _, metrics, _ = _run((1, 1, 1), config, _host_batches(config, 3))
+    for i in range(3):  # teacher_{i+1} = m_i teacher_i + (1 - m_i) student_{i+1}
+        m = float(metrics[i]["teacher_momentum"])
+        for t0, s1, t1 in zip(jax.tree_util.tree_leaves(states[i].extra["teacher"]),
+                              jax.tree_util.tree_leaves(states[i + 1].params),
+                              jax.tree_util.tree_leaves(states[i + 1].extra["teacher"])):
+            np.testing.assert_allclose(t1, m * t0 + (1 - m) * s1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(metrics[0]["teacher_momentum"], 0.992, rtol=1e-6)
+    # Steps 0 and 1 leave the prototypes alone (step 1 moves everything else), step 2 moves them.
+    proto = lambda i: states[i].params["heads"]["dino_head"]["prototypes"]  # noqa: E731
+    np.testing.assert_array_equal(proto(2), proto(0))
+    assert not np.allclose(states[2].params["heads"]["dino_head"]["fc_0"]["kernel"],
+                           states[1].params["heads"]["dino_head"]["fc_0"]["kernel"])
+    assert not np.allclose(proto(3), proto(2))
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def _numpy_adamw(params, grads_seq, lr_at, last_lr_at, wd_at, mult, decays, last, group, clip, b1=0.9,
+                 b2=0.999, eps=1e-8):
+    """torch AdamW with DINOv2's param groups and per-submodule clip_grad_norm_, written out leaf by leaf."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, grads in enumerate(grads_seq):
+        norms = {}
+        for k, g in grads.items():
+            norms[group[k]] = norms.get(group[k], 0.0) + float(np.sum(np.asarray(g, np.float64) ** 2))
+        for k in p:
+            coef = min(1.0, clip / (np.sqrt(norms[group[k]]) + 1e-6))
+            g = np.asarray(grads[k], np.float64) * coef
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v2[k] = b2 * v2[k] + (1 - b2) * g * g
+            update = (m[k] / (1 - b1 ** (t + 1))) / (np.sqrt(v2[k] / (1 - b2 ** (t + 1))) + eps)
+            lr = (last_lr_at(t) if last[k] else lr_at(t)) * mult[k]
+            wd = wd_at(t) if decays[k] else 0.0
+            p[k] = p[k] - lr * (update + wd * p[k])
+    return p
+
+
+def test_optimizer_param_groups_match_numpy_adamw():
+    from lvm_jax.optim import path_str
+
+    config = tiny_dinov2_config(**{"optim.lr": 1e-2, "optim.layer_decay": 0.9, "optim.patch_embed_lr_mult": 0.2,
+                                   "optim.clip_norm": 0.5, "model.num_registers": 1})
+    task = get_task(config, _mesh((1, 1, 1)))
+    task.total_steps = 6
+    params = jax.device_get(nn.meta.unbox(task.init_params(jax.random.PRNGKey(0))))
+    flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    rng = np.random.default_rng(0)
+    grads_seq = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in flat.items()} for _ in range(3)]
+
+    # DINOv2's groups for a 2-block backbone, written out by hand.
+    def expected_mult(k):
+        if k.startswith("heads/"):
+            return 1.0
+        name = k[len("backbone/"):]
+        if name.startswith("patch_embed"):
+            return 0.9 ** 3 * 0.2
+        if name.split("/")[0] in ("cls_token", "reg_tokens", "mask_token", "pos_embed"):
+            return 0.9 ** 3
+        if name.startswith("encoder/blocks_"):
+            return 0.9 ** (2 - int(name.split("/")[1].split("_")[1]))
+        assert name.startswith("norm/"), name
+        return 1.0
+
+    mult = {k: expected_mult(k) for k in flat}
+    decays = {k: not (k.endswith("/bias") or "norm" in k.split("/")[-2] or k.split("/")[-2].startswith("ls"))
+              for k in flat}
+    assert not decays["backbone/encoder/blocks_0/ls1/scale"] and decays["backbone/pos_embed"]
+    last = {k: k.endswith("prototypes") for k in flat}
+    group = {k: "backbone" if k.startswith("backbone") else k.split("/")[1] for k in flat}
+    s = task.schedules
+    expected = _numpy_adamw(flat, grads_seq, lambda t: float(s["lr"](t)), lambda t: float(s["last_layer_lr"](t)),
+                            lambda t: float(s["weight_decay"](t)), mult, decays, last, group, clip=0.5)
+
+    tx = task.optimizer()
+    opt_state = tx.init(params)
+    p = params
+    treedef = jax.tree_util.tree_structure(params)
+    keys = [path_str(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for grads in grads_seq:
+        g = jax.tree_util.tree_unflatten(treedef, [grads[k] for k in keys])
+        updates, opt_state = tx.update(g, opt_state, p)
+        p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+    for k, x in zip(keys, jax.tree_util.tree_leaves(p)):
+        np.testing.assert_allclose(x, expected[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_step_compiles_once_over_20_steps():
+    config = tiny_dinov2_config(**{"total_steps": 20})
+    mesh = _mesh((jax.device_count(), 1, 1)) if 16 % jax.device_count() == 0 else _mesh((1, 1, 1))
+    task = get_task(config, mesh)
+    traces = []
+    original = task.train_step
+    task.train_step = lambda state, batch: (traces.append(1), original(state, batch))[1]
+    rng = jax.random.PRNGKey(0)
+    _, shardings = abstract_state(task, mesh, rng)
+    state = create_state(task, shardings, rng)
+    loader = lvm_data.make_loader(task.train_source(), task.train_transforms(), batch_size=config.batch_size,
+                                  shuffle=True, seed=0)
+    it = iter(loader)
+    with sharding.mesh_context(mesh):
+        first = next(it)
+        step = compile_train_step(task, shardings, first, mesh)
+        counts = set()
+        batch = first
+        for _ in range(20):
+            counts.add(int(np.asarray(batch["mask_weights"] > 0).sum()))
+            state, metrics = step(state, sharding.host_to_global(batch, mesh))
+            batch = next(it)
+    assert len(counts) > 1, "every batch masked the same number of patches; the test would prove nothing"
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+    assert int(state.step) == 20 and np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("path, backbone_params, fsdp", [
+    ("configs/dinov2_vits14_in1k.py", (21.0e6, 22.5e6), 1),
+    ("configs/dinov2_vitl14_in22k.py", (300e6, 310e6), 8),  # DINOv2 reports 21 M and 300 M
+])
+def test_published_configs_build_sharded_state(needs_8, path, backbone_params, fsdp):
+    from lvm_jax.config import load_config_file
+
+    config = load_config_file(path)
+    mesh = sharding.make_mesh(config.mesh)
+    task = get_task(config, mesh)
+    task.total_steps = int(config.total_steps)
+    abstract, shardings = abstract_state(task, mesh, jax.random.PRNGKey(0))
+    params = nn.meta.unbox(abstract.params)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params["backbone"]))
+    assert backbone_params[0] < count < backbone_params[1]
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        nn.meta.unbox(abstract.extra["teacher"]))
+    qkv = shardings.extra["teacher"]["backbone"]["encoder"]["blocks"]["attn"]["query"]["kernel"]
+    assert qkv.spec[1] == "fsdp" and mesh.shape["fsdp"] == fsdp  # [layers, embed, heads, kv]: FSDP on embed
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.data.crops.local_size=32"], "config.data.crops.local_size=32 is larger than"),
+    (["--config.ibot.mask_ratio=(0.1, 1.5)"], "config.ibot.mask_ratio=(0.1, 1.5) must be"),
+    (["--config.ibot.mask_ratio=(-0.1, 0.5)"], "config.ibot.mask_ratio=(-0.1, 0.5) must be"),
+    (["--config.batch_size=8"], "KoLeo needs >= 2"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, overrides, message):
+    rc = train_main(["--config", CONFIG, "--workdir", str(tmp_path / "w"), *overrides])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+RESUME_ARGS = ["--config.total_steps=12", "--config.ckpt_every=3", "--config.log_every=1",
+               "--config.data.synthetic.num_train=64",  # 64 rows / 16 per batch: epochs wrap during the run
+               "--config.dino.centering=centering", "--config.eval.pictures=0"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bitwise_exact(tmp_path, monkeypatch):
+    import tests.test_resume as resume
+
+    monkeypatch.setattr(resume, "CONFIG", CONFIG)
+    monkeypatch.setattr(resume, "ARGS", RESUME_ARGS)
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    resume._run(straight)
+
+    rc = resume._run_until(broken, lambda: bool(_checkpoints(broken)), signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    killed_at = _checkpoints(broken)[-1]
+    logged = len(_steps_logged(broken))
+    rc = resume._run_until(broken, lambda: len(_steps_logged(broken)) >= logged + 2, signal.SIGTERM)
+    assert rc == 0
+    assert _checkpoints(broken)[-1] > killed_at
+    resume._run(broken)
+
+    a, b = _load(straight, 12), _load(broken, 12)
+    assert np.abs(np.asarray(a["extra"]["dino_center"])).max() > 0  # the centre is part of what must match
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for (path, x), y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    loss = lambda w: {r["step"]: r["loss"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())}  # noqa: E731
+    la, lb = loss(straight), loss(broken)
+    for step in (12, 11, 10):
+        assert la[step] == lb[step]
