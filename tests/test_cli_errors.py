@@ -67,3 +67,11 @@ def test_corrupt_jpeg_is_skipped_or_named(tmp_path, capsys):
     assert "undecodable images were skipped" in err
     rc, err = _train(tmp_path / "raise", *common, "--config.data.decode_errors=raise", capsys=capsys)
     assert rc == 2 and "bad" in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
+    rc, err = _train(tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0", "--config.total_steps=4",
+                     "--config.ckpt_every=0", "--config.optim.warmup_steps=0", capsys=capsys)
+    assert rc == 2
+    assert "The loss became nan" in err and "keeping the last good checkpoint" in err
+    assert not (tmp_path / "w" / "checkpoints" / "4").exists()
