@@ -35,7 +35,8 @@ def get_config(arg=None):
         vision=ml_collections.ConfigDict(dict(
             variant=None, width=128, depth=4, num_heads=4, mlp_dim=384, patch_size=4, image_size=32,
             pool="gap", class_token=False, pre_norm=False, patch_bias=True,
-            patch_dropout=0.0, drop_path_rate=0.0, attention_impl="xla", remat="none", scan_layers=False)),
+            stem="conv", patch_dropout=0.0, drop_path_rate=0.0, attention_impl="xla", remat="none",
+            scan_layers=False)),
         text=ml_collections.ConfigDict(dict(
             vocab_size=None,  # None: the tokenizer's size, padded to tokenizer.pad_vocab_to
             context_length=16,  # the longest synthetic caption is 15 tokens with SOT/EOT
@@ -57,8 +58,11 @@ def get_config(arg=None):
         rrc_scale=None,  # captions name positions and sizes: no crops ...
         hflip=False,  # ... and no flips ("left side")
         eval_resize_ratio=1.0,
-        synthetic=ml_collections.ConfigDict(dict(num_train=50000, num_eval=2000, seed=0, image_size=32,
-                                                 num_classes=10)),
+        synthetic=ml_collections.ConfigDict(dict(
+            num_train=50000, num_eval=2000, seed=0, image_size=32, num_classes=10,
+            # Difficulty knobs; None keeps lvm_jax.data.synthetic.Difficulty's default.
+            size_range=None, max_rotation=None, position_spread=None, texture_contrast=None, clutter=None,
+            noise_range=None)),
     ))
 
     c.evals = ml_collections.ConfigDict(dict(

@@ -179,6 +179,29 @@ def test_gradcache_accumulation_equals_big_batch(initial, loss):
     assert diff > 1e-3
 
 
+@pytest.mark.slow
+def test_gradcache_with_patch_dropout_equals_big_batch(initial):
+    """Stochastic layers: both GradCache passes must draw the same patch-dropout mask per micro-batch."""
+    k = 2
+    task, state, _, mesh = _setup(initial, (1, 1, 1), **{"optim.grad_accum": k, "model.vision.patch_dropout": 0.5})
+    batch = {key: jnp.asarray(v) for key, v in _batch(task).items()}
+    rng = jax.random.PRNGKey(3)
+
+    def big_batch_loss(p):  # the same per-micro-batch keys, one naive B x B loss over everything
+        parts = [task.embed(p, batch["image"][i::k], batch["tokens"][i::k], jax.random.fold_in(rng, i))
+                 for i in range(k)]
+        img = jnp.concatenate([a for a, _ in parts])
+        txt = jnp.concatenate([b for _, b in parts])
+        return softmax_contrastive_loss(img, txt, jnp.exp(p["logit_scale"]))
+
+    with sharding.mesh_context(mesh):
+        loss_k, grads_k = jax.jit(task.loss_and_grads)(state.params, batch, rng)
+        loss_ref, grads_ref = jax.jit(jax.value_and_grad(big_batch_loss))(state.params)
+    np.testing.assert_allclose(loss_k, loss_ref, rtol=1e-5)
+    for (path, ref), got in zip(jax.tree_util.tree_leaves_with_path(grads_ref), jax.tree_util.tree_leaves(grads_k)):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
 # --------------------------------------------------------------------------------- LiT
 def _paths(tree):
     leaves = jax.tree_util.tree_leaves_with_path(tree)
@@ -187,8 +210,8 @@ def _paths(tree):
 
 @pytest.mark.parametrize("unlocked, frozen_prefixes", [
     (0, ("image_tower/", "image_proj/")),
-    # the tiny tower is patch_embed, pos_embed, encoder/blocks_{0,1}, norm (gap pool, no cls token)
-    (1, ("image_tower/patch_embed/", "image_tower/pos_embed", "image_tower/encoder/blocks_0/")),
+    # the tiny tower is conv_stem, pos_embed, encoder/blocks_{0,1}, norm (gap pool, no cls token)
+    (1, ("image_tower/conv_stem/", "image_tower/pos_embed", "image_tower/encoder/blocks_0/")),
 ])
 def test_lit_freezes_exactly_the_image_tower(initial, unlocked, frozen_prefixes):
     task, state, _, _ = _setup(initial, (1, 1, 1), **{"lit.lock_image": True, "lit.unlocked_blocks": unlocked,

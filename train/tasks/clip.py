@@ -27,8 +27,8 @@ LiT (`config.lit.lock_image`): the image tower and its projection get no update 
 optimizer zeroes them) and, when fully locked, no backward pass either (stop_gradient).
 `config.lit.unlocked_blocks = N` unlocks the last N encoder blocks and everything after
 them (final norm, pooling head, image projection), open_clip's `lock_image_tower(N + 1)`.
-Load the pretrained tower with `config.init_from` (an lvm_jax workdir or checkpoint step
-dir of a `clip` or `supervised` run).
+Load the pretrained tower with `config.init_from`: an lvm_jax `clip` / `supervised` run's
+workdir, or a converted checkpoint (`lvm-convert`: timm, open_clip, DINOv2, big_vision ...).
 
 Tokenizer (built once per task): `config.tokenizer.path` loads a vocabulary file (CLIP's
 bpe_simple_vocab_16e6.txt.gz or a tokenizer.json); otherwise a fresh BPE vocabulary of
@@ -134,7 +134,7 @@ def source_captions(source: Any, limit: int) -> list[str]:
     if isinstance(source, synthetic_data.SyntheticShapes):
         # Captions are a function of the scene parameters: no need to render the images.
         scenes = synthetic_data.sample_scenes(np.arange(min(len(source), limit)), source.seed, source.split,
-                                              source.num_classes)
+                                              source.num_classes, source.difficulty)
         return [synthetic_data.caption(scenes, i) for i in range(len(scenes["index"]))]
     captions = getattr(source, "captions", None)
     if captions is None:
@@ -287,8 +287,13 @@ class ClipTask(Task):
         return self._tx
 
     def load_pretrained(self, state: TrainState, path: str) -> TrainState:
-        """Copies an image tower from an lvm_jax `clip` or `supervised` checkpoint into `state` (for LiT)."""
-        image = load_image_tower(path)
+        """`config.init_from`: an lvm_jax training run (workdir or W/checkpoints/<step>) of a `clip` or
+        `supervised` task gives its image tower (+ projection), e.g. for LiT; anything else is a
+        converted checkpoint (timm, open_clip, DINOv2, ...; see `Task.load_pretrained`)."""
+        step_dir = training_checkpoint(path)
+        if step_dir is None:
+            return super().load_pretrained(state, path)
+        image = load_image_tower(step_dir)
         params = dict(state.params)
         params["image_tower"] = _copy_matching(params["image_tower"], image["image_tower"], "image_tower", path)
         if "image_proj" in image:
@@ -516,23 +521,23 @@ def build_clip(model_cfg: ml_collections.ConfigDict, vocab_size: int, pad_vocab_
         raise UserError(str(e)) from None
 
 
-def load_image_tower(path: str) -> dict[str, Any]:
-    """{'image_tower': params[, 'image_proj': params]} from an lvm_jax checkpoint (workdir or step dir)."""
-    import orbax.checkpoint as ocp
-
+def training_checkpoint(path: str) -> pathlib.Path | None:
+    """The newest `<step>/` dir of an lvm_jax training run at `path` (workdir, its checkpoints/, or a step dir)."""
     root = pathlib.Path(path)
+    if (root / "state").is_dir():
+        return root
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
-    if root.is_dir() and not (root / "state").is_dir():
-        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
-        if not steps:
-            raise UserError(f"config.init_from={path!r} holds no checkpoint; point it at a run's workdir "
-                            "or at W/checkpoints/<step>.")
-        root = root / str(steps[-1])
-    if not (root / "state").is_dir():
-        raise UserError(f"config.init_from={path!r} is not an lvm_jax checkpoint (no {root / 'state'}).")
-    restored = ocp.StandardCheckpointer().restore((root / "state").absolute())
-    params = restored["params"]
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    steps = [s for s in steps if (root / str(s) / "state").is_dir()]
+    return root / str(steps[-1]) if steps else None
+
+
+def load_image_tower(step_dir: pathlib.Path) -> dict[str, Any]:
+    """{'image_tower': params[, 'image_proj': params]} of an lvm_jax `clip` or `supervised` checkpoint."""
+    import orbax.checkpoint as ocp
+
+    params = ocp.StandardCheckpointer().restore((step_dir / "state").absolute())["params"]
     if "image_tower" in params:
         return {k: params[k] for k in ("image_tower", "image_proj") if k in params}
     # A supervised ViT: the tower is everything but the classifier head.
