@@ -334,6 +334,24 @@ def test_cli_embeddings_end_to_end_and_resume(tmp_path, planted, capsys):
     assert "dedup_cached" not in json.load(open(os.path.join(out, "summary.json")))["timings_s"]
 
 
+def test_center_removes_a_shared_direction(tmp_path):
+    # Anisotropic embeddings: a common direction makes every pair look like a duplicate.
+    rng = np.random.default_rng(10)
+    common = _unit(rng.standard_normal((1, 64)))
+    x = _unit(3 * common + _unit(rng.standard_normal((300, 64))))
+    x[200:210] = x[:10]  # the only true duplicates
+    paths = _save(tmp_path, pool=x, curated=x[250:260])
+    for center, want in ((False, None), (True, set(range(200, 210)))):
+        out = str(tmp_path / f"out{center}")
+        assert _run_cli(["embeddings", "--curated", paths["curated"], "--pool", paths["pool"], "--out", out,
+                         "--no-progress", "--no-report"] + (["--center"] if center else [])) == 0
+        removed = {json.loads(l)["id"] for l in open(os.path.join(out, "duplicates.jsonl"))}
+        if want is None:
+            assert len(removed) > 250  # without centering nearly everything is a "duplicate"
+        else:
+            assert removed == want
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path, capsys):
     rng = np.random.default_rng(7)
     good = _unit(rng.standard_normal((30, 16)))

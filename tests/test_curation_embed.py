@@ -152,6 +152,7 @@ def test_manifest_source_reads_back_images_and_labels(curated_run):
         build_manifest_source(ml_collections.ConfigDict(dict(path=str(tmp_path))), "train")
 
 
+@pytest.mark.slow  # ~20 s alone, but the file must stay under 90 s on 2 shared cores
 def test_train_on_manifest(curated_run, tmp_path):
     from lvm_jax.config import load_config
     from train.loop import train_and_evaluate
@@ -165,6 +166,7 @@ def test_train_on_manifest(curated_run, tmp_path):
     assert "top1" in metrics and np.isfinite(metrics["top1"])
 
 
+@pytest.mark.slow  # ~20 s alone, but the file must stay under 90 s on 2 shared cores
 def test_two_process_embedding_matches_one(curated_run, tmp_path):
     run_dir, config = curated_run
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}

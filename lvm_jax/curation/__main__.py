@@ -3,7 +3,7 @@
     lvm-curate embed --config configs/curate_synthetic.py --set pool --out DIR/emb/pool
     lvm-curate embeddings --curated A.npy --pool B.npy --out DIR [--reference R.npy ...]
                           [--dedup-threshold 0.6] [--k 4] [--mode sample|cluster|hierarchical]
-    lvm-curate run --config configs/curate_synthetic.py [--out DIR] [--config.retrieval.k=8]
+    lvm-curate run --config configs/curate_synthetic.py [--out DIR] [--config.curation.retrieval.k=8]
 
 ``embed`` writes float16 embedding shards (resumable); ``embeddings`` deduplicates
 and retrieves on embeddings (.npy files, rows are ids, or embedding
@@ -77,6 +77,8 @@ def _embeddings_parser(sub) -> None:
     g.add_argument("--all-clusters", action="store_true",
                    help="hierarchical: sample the whole pool, not only clusters holding queries")
     g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--center", action="store_true",
+                   help="subtract the pool's mean vector before cosine (anisotropic embeddings)")
     from lvm_jax.curation.index import IndexConfig
     d = IndexConfig()
     g = p.add_argument_group("index")
@@ -88,6 +90,8 @@ def _embeddings_parser(sub) -> None:
                    help="raise nprobe until retrieval recall@k vs exact search reaches this (0: off)")
     g.add_argument("--dedup-nprobe", type=int, default=d.dedup_nprobe,
                    help="IVF lists probed per pool vector in self-dedup")
+    g.add_argument("--reference-nprobe", type=int, default=d.reference_nprobe,
+                   help="IVF lists probed per reference vector in relative dedup")
     g.add_argument("--recall-sample", type=int, default=256,
                    help="curated queries checked against exact search to tune nprobe (0: skip)")
     p.add_argument("--no-report", action="store_true")
@@ -103,7 +107,9 @@ def embeddings_config(args) -> dict:
                        per_cluster=args.per_cluster, levels=tuple(args.levels),
                        target_size=args.target_size, queries_only=not args.all_clusters, seed=args.seed),
         index=dict(kind=args.index, exact_max=args.exact_max, nlist=args.nlist, nprobe=args.nprobe,
-                   target_recall=args.target_recall, dedup_nprobe=args.dedup_nprobe, seed=args.seed),
+                   target_recall=args.target_recall, dedup_nprobe=args.dedup_nprobe,
+                   reference_nprobe=args.reference_nprobe, seed=args.seed),
+        center=args.center,
         recall_sample=args.recall_sample,
         report=dict(enabled=not args.no_report),
     )
@@ -154,7 +160,7 @@ def _print_summary(summary: dict, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lvm-curate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="lvm-curate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     _embeddings_parser(sub)

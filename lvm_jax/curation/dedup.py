@@ -108,7 +108,8 @@ def reference_deduplicate(index: PoolIndex, result: DedupResult, references: Seq
     """Removes every pool component with a member at cosine > threshold to any reference vector.
 
     Updates and returns `result`; whole components go, including the image
-    self-deduplication kept, and their reason becomes REFERENCE.
+    self-deduplication kept, and their reason becomes REFERENCE.  IVF probes
+    ``cfg.reference_nprobe`` lists per reference vector.
     """
     n = len(index.pool)
     best_sim = np.full(result.component.max() + 1 if n else 0, -np.inf, np.float32)
@@ -117,7 +118,8 @@ def reference_deduplicate(index: PoolIndex, result: DedupResult, references: Seq
     for set_index, ref in enumerate(references):
         result.reference_names.append(ref.name)
         for start, x in ref.chunks(chunk=index.cfg.chunk):
-            qi, rows, s = index.pairs_above(threshold, k, queries=x, desc=f"reference {ref.name}")
+            qi, rows, s = index.pairs_above(threshold, k, queries=x, nprobe=index.cfg.reference_nprobe,
+                                            desc=f"reference {ref.name}")
             comp = result.component[rows]
             # Best reference vector per touched component (ties: first seen).
             order = np.lexsort((-s, comp))

@@ -29,7 +29,8 @@ import numpy as np
 
 from lvm_jax.curation import dedup as dd
 from lvm_jax.curation import retrieve as rt
-from lvm_jax.curation.index import Comm, IndexConfig, PoolIndex, VectorSet, check_dims, exact_knn
+from lvm_jax.curation.index import (Comm, IndexConfig, PoolIndex, VectorSet, check_dims, exact_knn,
+                                    mean_vector)
 from lvm_jax.errors import UserError
 
 
@@ -48,7 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
         seed=0,
     ))
     c.index = ml_collections.ConfigDict(IndexConfig().__dict__)
-    c.recall_sample = 256  # curated queries checked against exact search (0: skip)
+    c.center = False  # subtract the pool's mean vector from every set before cosine
+    c.recall_sample = 256  # curated queries checked against exact search to tune nprobe (0: skip)
     c.report = ml_collections.ConfigDict(dict(enabled=True, num_queries=8, num_groups=8))
     return c
 
@@ -122,6 +124,10 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
     rcfg = cfg.retrieval
     mode = rt.check_mode(rcfg.mode)
     validate_inputs(curated, pool, references, int(rcfg.k))
+    if cfg.center:
+        mean = mean_vector(pool, seed=int(rcfg.seed))
+        for vs in (curated, pool, *references):
+            vs.center = mean
     queries = curated.read()
     os.makedirs(out_dir, exist_ok=True)
     lap("load")
@@ -133,7 +139,7 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
     # -- deduplication (cached) --------------------------------------------
     cache_dir = os.path.join(out_dir, ".cache")
     key = _fingerprint(_set_signature(pool), [_set_signature(r) for r in references],
-                       cfg.dedup.to_dict(), index.describe(), index_cfg.__dict__)
+                       cfg.dedup.to_dict(), bool(cfg.center), index.describe(), index_cfg.__dict__)
     cache_file = os.path.join(cache_dir, f"dedup_{key}.npz")
     result = _load_dedup(cache_file)
     if result is None:
