@@ -332,6 +332,11 @@ def test_cli_embeddings_end_to_end_and_resume(tmp_path, planted, capsys):
     # A different threshold is a different fingerprint: recomputed.
     assert _run_cli(argv + ["--dedup-threshold", "0.7"]) == 0
     assert "dedup_cached" not in json.load(open(os.path.join(out, "summary.json")))["timings_s"]
+    # Plain vectors name no images, so the manifest cannot be a training source.
+    from lvm_jax.data.manifest import build_manifest_source
+    import ml_collections
+    with pytest.raises(UserError, match="records no image source"):
+        build_manifest_source(ml_collections.ConfigDict(dict(path=out)), "train")
 
 
 def test_center_removes_a_shared_direction(tmp_path):
