@@ -54,6 +54,9 @@ def get_config(arg=None):
 
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", path="", name="", train_split="train", eval_split="validation",
+        # captions / webdataset sources (see lvm_jax/data/captions.py): the eval split is eval_path,
+        # else a fixed-seed hold-out of the images
+        eval_path="", holdout_fraction=0.1, image_root="", image_column="", caption_column="", index_dir="",
         image_size=32, worker_count=0, decode_errors="skip",
         rrc_scale=None,  # captions name positions and sizes: no crops ...
         hflip=False,  # ... and no flips ("left side")
