@@ -327,10 +327,28 @@ def dinov2_backbone(spec: Spec, student: bool = True) -> ViT:
                    drop_path_uniform=True)
 
 
+def _mask_collator_class():
+  """lvm_jax.data.masking.MaskCollator; masking.py needs only NumPy, but importing it through the
+  package runs lvm_jax/data/__init__.py, which needs grain (absent on some GPU images)."""
+  try:
+    from lvm_jax.data.masking import MaskCollator
+  except ImportError:
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "data" / "masking.py"
+    spec = importlib.util.spec_from_file_location("lvm_jax_bench_masking", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    MaskCollator = module.MaskCollator
+  return MaskCollator
+
+
 def dinov2_batch(spec: Spec, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
   """Multi-crop images and per-sample iBOT masks in the dinov2 task's layout; returns (arrays, U)."""
-  from lvm_jax.data.masking import MaskCollator
-
+  MaskCollator = _mask_collator_class()
   patch = parse_variant(spec.variant)[4] or 14
   grid = (spec.res // patch, spec.res // patch)
   collator = MaskCollator(grid, mask_ratio=(0.1, 0.5), mask_probability=0.5, n_global_crops=DINO_GLOBAL,
