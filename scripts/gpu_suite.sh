@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [[ -z "${NO_WHEELS:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install --no-index --no-deps --quiet .whl/*.whl 2>&1 | tail -3
 fi
 
@@ -35,7 +35,7 @@ PY
 cat "$OUT/versions.txt"
 
 # 330 s for the rows (each in its own process, with its own timeout); the outer timeout is a backstop.
-timeout 370 "$PY" -m lvm_jax.bench --suite gpu --budget-s "${BUDGET_S:-330}" --json "$OUT/gpu_suite.json" \
+timeout $(( ${BUDGET_S:-330} + 40 )) "$PY" -m lvm_jax.bench --suite gpu --budget-s "${BUDGET_S:-330}" --json "$OUT/gpu_suite.json" \
   2>&1 | tee "$OUT/gpu_suite.log"
 status=${PIPESTATUS[0]}
 "$PY" - "$OUT/gpu_suite.json" > "$OUT/gpu_suite.md" <<'PY'

@@ -446,8 +446,12 @@ def build_dinov2(spec: Spec, mesh) -> Workload:
 
 # ----------------------------------------------------------------------------- input pipeline
 
-def build_data(spec: Spec, workers: int = 0, num_batches: int = 1) -> Workload:
-  """The synthetic source + supervised train transforms + grain loader, one batch per step."""
+def build_data(spec: Spec, workers: int = 0) -> Workload:
+  """The synthetic source + supervised train transforms + grain loader.
+
+  One timed "step" draws enough batches for 512 images: the source renders
+  (and caches) 256 images at a time, so shorter steps would time the cache.
+  """
   try:
     from lvm_jax import data as lvm_data
   except ImportError as e:
@@ -463,6 +467,7 @@ def build_data(spec: Spec, workers: int = 0, num_batches: int = 1) -> Workload:
   loader = lvm_data.make_loader(source, lvm_data.supervised_transforms(cfg, train=True), batch_size=spec.batch,
                                 shuffle=True, seed=spec.seed, num_epochs=None, worker_count=workers)
   iterator = iter(loader)
+  num_batches = max(1, -(-512 // spec.batch))
 
   def run() -> None:
     for _ in range(num_batches):
@@ -470,7 +475,8 @@ def build_data(spec: Spec, workers: int = 0, num_batches: int = 1) -> Workload:
 
   return Workload("grain", run, spec.batch * num_batches, None, 0.0, impl="lvm_jax.data.make_loader (synthetic)",
                   peak_mem=rss_peak_gb, mem_source="process peak RSS",
-                  notes=[f"synthetic shapes rendered at {spec.res} px, flip + normalise, worker_count={workers}"])
+                  notes=[f"synthetic shapes rendered at {spec.res} px, flip + normalise, worker_count={workers}; "
+                         f"one step = {num_batches} batches"])
 
 
 BUILDERS = {"vit": build_vit, "clip": build_clip, "dinov2": build_dinov2}
