@@ -47,6 +47,20 @@ def test_dot_product_attention_matches_numpy():
   np.testing.assert_allclose(got, np_attention(q, k, v, pad), atol=1e-5)
 
 
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, False), (False, True), (True, True)])
+def test_even_length_attention_pads_odd_lengths_exactly(causal, masked):
+  # The cuDNN path pads odd lengths to even ones; checked here with jax.nn's XLA implementation.
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 7, 3, 8)), jnp.float32) for _ in range(3))
+  mask = jnp.asarray(rng.random((2, 1, 7, 7)) < 0.7).at[..., 0].set(True) if masked else None
+  want = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
+  got = lambda q, k, v: L.even_length_attention(q, k, v, mask=mask, causal=causal, implementation="xla")
+  np.testing.assert_allclose(got(q, k, v), want(q, k, v), atol=1e-5)
+  loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(loss(got), loss(want)):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
 def test_attention_module_matches_numpy_and_layout():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, 7, 12)).astype(np.float32)

@@ -161,7 +161,42 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
   if impl == "xla" and mask is None and not causal:
     return _xla_attention(q, k, v)
+  if impl == "cudnn":
+    return even_length_attention(q, k, v, mask=mask, causal=causal, implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+
+
+def even_length_attention(q: Array, k: Array, v: Array, mask: Array | None = None, causal: bool = False,
+                          implementation: str | None = "cudnn") -> Array:
+  """`jax.nn.dot_product_attention` with the sequence lengths zero-padded to even numbers.
+
+  jax (0.11-0.12) refuses to *train* through cuDNN flash attention when a
+  length is odd ("Unsupported sequence length Q 197, KV 197": its backward
+  check counts the always-present placeholder bias as a bias), and ViTs have
+  odd lengths (196 patches + CLS; CLIP's 77 text tokens). Padded keys are
+  hidden (per-example key lengths, or False in the mask), padded query rows
+  are dropped. q `[B, T, N, H]`, k/v `[B, S, N, H]`; mask broadcastable to
+  `[B, N, T, S]` (True = attend).
+  """
+  batch, q_len, _, _ = q.shape
+  kv_len = k.shape[1]
+  q_pad, kv_pad = q_len % 2, kv_len % 2
+  if not (q_pad or kv_pad):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+  pad_len = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+  q, k, v = pad_len(q, q_pad), pad_len(k, kv_pad), pad_len(v, kv_pad)
+  if mask is None:
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation=implementation,
+        query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32))
+  else:
+    # Padded key columns are masked; padded query rows see the real keys (their output is dropped).
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), (batch, q.shape[2], q_len, kv_len))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, kv_pad)), constant_values=False)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, 0)), mode="edge")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+  return out[:, :q_len]
 
 
 def _attention_core(q: Array, k: Array, v: Array) -> Array:
