@@ -309,13 +309,34 @@ def test_zeroshot_templates_never_occur_in_training_captions():
 
 
 # --------------------------------------------------------------------------------- resume
+# The tokenizers BPE trainer breaks equal-count ties by token ids it hands out in hash-map order
+# (huggingface/tokenizers#1794), so two trainings on the same captions could differ: a resumed run
+# or lvm-eval then fed the text tower other ids. The fix is in lvm_jax/data/tokenizer.py (not this
+# helper's file); remove both markers below once it is applied.
+TOKENIZER_PATCH = ("train_bpe tie-breaking follows a random hash-map order (huggingface/tokenizers#1794); "
+                   "needs the special_tokens fix in lvm_jax/data/tokenizer.py")
+
+
+@pytest.mark.xfail(strict=True, reason=TOKENIZER_PATCH)
+def test_trained_tokenizer_is_the_same_every_time():
+    """48 captions leave many equal-count pairs: every call must still break the ties the same way."""
+    from lvm_jax.data import build_source
+    from train.tasks.clip import build_tokenizer
+
+    config = tiny_clip_config(**{"data.synthetic.num_train": 48})
+    source = build_source(config.data, split="train")
+    first = build_tokenizer(config.tokenizer, source)
+    assert len(first.merges) > 50  # enough merges that ties matter
+    for _ in range(20):  # unpatched, each call matched the first only about half the time
+        assert build_tokenizer(config.tokenizer, source).merges == first.merges
+
+
 def _state(workdir, step):
     return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="CI (ci-fresh of 0ab01e8) saw Adam mu of image_proj differ after resume; "
-                   "under investigation (issue 3 note)")
+@pytest.mark.xfail(strict=False, reason=TOKENIZER_PATCH)  # ~1 run in 2 rebuilds other token ids until then
 def test_resume_is_bitwise_exact_and_lvm_eval_agrees(tmp_path):
     """6 steps straight == 3 steps, restore, 3 more (48 rows / 16 per batch: epochs wrap)."""
     config = tiny_clip_config(**{"data.synthetic.num_train": 48})
@@ -331,7 +352,9 @@ def test_resume_is_bitwise_exact_and_lvm_eval_agrees(tmp_path):
               for w in (straight, resumed)]
     for step in (4, 5, 6):
         assert losses[0][step] == losses[1][step]
+    # A fresh task (new tokenizer, restored params) scores both runs' checkpoints as the run itself did.
     assert evaluate_checkpoint(config, straight) == pytest.approx(final)
+    assert evaluate_checkpoint(config, resumed) == pytest.approx(final)
 
     # LiT: config.init_from copies the image tower (and projection) of a checkpoint into a fresh state.
     lit = get_task(tiny_clip_config(**{"lit.lock_image": True, "init_from": str(straight)}), _mesh((1, 1, 1)))
