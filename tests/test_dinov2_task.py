@@ -69,17 +69,45 @@ def needs_8():
         pytest.skip("needs 8 (simulated) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
 
-@pytest.mark.parametrize("mesh_shape, centering", [((8, 1, 1), "sinkhorn_knopp"), ((2, 2, 2), "centering")])
-def test_sharded_step_matches_single_device(needs_8, mesh_shape, centering, request):
-    if "mesh_shape1-centering" in request.node.name:
-        request.applymarker(pytest.mark.xfail(strict=False, reason="(2,2,2)+centering: Adam-amplified rounding "
-                                              "noise in key kernels exceeds tolerance; see issue 4 note"))
+# On (2,2,2) (data, fsdp and tensor all > 1; every 4-device mesh and (8,1,1), (4,1,2), (1,4,2) are right)
+# the step's forward is right (losses equal to 1e-7) but the backbone gradient is not: grad_norm_backbone
+# 166 vs 275 after one step. The backbone alone on (2,2,2) is right; backbone + DINO head reproduces it.
+# The same class of bug shows in pure JAX (x @ w0 constrained to P(('data','fsdp'), 'tensor'), then
+# @ w1 with w1 P('fsdp', 'tensor'): input gradient off ~70%, right without the constraint), so it looks
+# like an XLA SPMD partitioner miscompile (jax 0.12.0.1 CPU). Renaming DINOHead fc_1's kernel axes or
+# dropping its 'act_mlp' constraints did not fix the step, so the exact trigger is still open.
+XLA_HEAD_BUG = ("(2,2,2): forward right, backbone gradient through the DINO head wrong (grad_norm_backbone "
+                "166 vs 275); XLA SPMD miscompile class reproduced in pure JAX, model trigger not isolated")
+
+
+@pytest.mark.parametrize("mesh_shape, centering", [
+    ((8, 1, 1), "sinkhorn_knopp"),
+    pytest.param((2, 2, 2), "centering", marks=pytest.mark.xfail(strict=True, reason=XLA_HEAD_BUG)),
+])
+def test_sharded_step_matches_single_device(needs_8, mesh_shape, centering):
     config = _config(centering)
     batches = _host_batches(config, 2)
-    _, ref_state, ref_metrics, _ = _run((1, 1, 1), config, batches)
-    _, state, metrics, _ = _run(mesh_shape, config, batches)
-    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "student_feature_std"):
-        np.testing.assert_allclose(metrics[-1][key], ref_metrics[-1][key], rtol=2e-5, err_msg=key)
+    ref_states, ref_state, ref_metrics, _ = _run((1, 1, 1), config, batches)
+    states, state, metrics, _ = _run(mesh_shape, config, batches)
+    for i in range(2):
+        for key in ref_metrics[i]:  # losses, per-submodule gradient norms, collapse monitors, schedules
+            np.testing.assert_allclose(metrics[i][key], ref_metrics[i][key], rtol=2e-5, err_msg=f"step {i}: {key}")
+    # Step 0 runs at lr 0 (warmup), so both meshes start step 1 from the same params: after it, Adam's first
+    # moment is 0.1 x the clipped gradient, and the centres are the first EMA of the teacher logits. Those are
+    # what sharding can get wrong, and (unlike Adam's first update) they are smooth in the gradient: 1e-5.
+    ref1 = {"opt_state": ref_states[1].opt_state, "extra": ref_states[1].extra}
+    got1 = {"opt_state": states[1].opt_state, "extra": states[1].extra}
+    checked = 0
+    for (path, r), x in zip(jax.tree_util.tree_leaves_with_path(ref1), jax.tree_util.tree_leaves(got1)):
+        name = jax.tree_util.keystr(path)
+        if not (".mu[" in name or "center" in name) or "['key']['bias']" in name:
+            continue  # key bias: softmax ignores it, so its exact gradient is 0 and it holds only float noise
+        checked += 1
+        scale = max(np.abs(r).max(), 1e-30)
+        np.testing.assert_allclose(x, r, rtol=0, atol=1e-5 * scale, err_msg=name)
+    assert checked > 40
+    np.testing.assert_array_equal(states[1].params["backbone"]["patch_embed"]["kernel"],
+                                  ref_states[0].params["backbone"]["patch_embed"]["kernel"])  # lr 0 indeed
     ref = jax.device_get({"params": ref_state.params, "extra": ref_state.extra})
     got = jax.device_get({"params": state.params, "extra": state.extra})
     for (path, r), x in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(got)):
@@ -90,7 +118,8 @@ def test_sharded_step_matches_single_device(needs_8, mesh_shape, centering, requ
             assert np.abs(x).max() < 1e-4 and np.abs(r).max() < 1e-4, name
             continue
         scale = max(np.abs(r).max(), 1e-3)
-        # Adam turns rounding noise in near-zero gradients (e.g. key kernels) into ~lr-sized steps.
+        # After step 1 (Adam's first update ~ lr * sign(g)), rounding noise in near-zero gradient
+        # elements becomes a ~lr-sized step; the gradients themselves were checked at 1e-5 above.
         np.testing.assert_allclose(x, r, rtol=0, atol=1e-4 * scale, err_msg=name)
     if centering == "centering":  # the centres moved, and both heads' prototypes are sharded on 'tensor'
         assert np.abs(got["extra"]["dino_center"]).max() > 0 and np.abs(got["extra"]["ibot_center"]).max() > 0
