@@ -31,8 +31,11 @@ def get_config(arg=None):
         image_size=32, worker_count=0, prefetch=2, decode_errors="skip",
         rrc_scale=(0.6, 1.0), rrc_ratio=(3 / 4, 4 / 3), hflip=True, randaugment=None,
         eval_resize_ratio=1.0,
-        synthetic=ml_collections.ConfigDict(dict(num_train=20000, num_eval=2000, seed=0, image_size=32,
-                                                 num_classes=10)),
+        synthetic=ml_collections.ConfigDict(dict(
+            num_train=20000, num_eval=2000, seed=0, image_size=32, num_classes=10,
+            # Difficulty knobs; None keeps lvm_jax.data.synthetic.Difficulty's default.
+            size_range=None, max_rotation=None, position_spread=None, texture_contrast=None, clutter=None,
+            noise_range=None)),
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

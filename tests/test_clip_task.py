@@ -311,13 +311,9 @@ def test_zeroshot_templates_never_occur_in_training_captions():
 # --------------------------------------------------------------------------------- resume
 # The tokenizers BPE trainer breaks equal-count ties by token ids it hands out in hash-map order
 # (huggingface/tokenizers#1794), so two trainings on the same captions could differ: a resumed run
-# or lvm-eval then fed the text tower other ids. The fix is in lvm_jax/data/tokenizer.py (not this
-# helper's file); remove both markers below once it is applied.
-TOKENIZER_PATCH = ("train_bpe tie-breaking follows a random hash-map order (huggingface/tokenizers#1794); "
-                   "needs the special_tokens fix in lvm_jax/data/tokenizer.py")
+# or lvm-eval then fed the text tower other ids. train_bpe now numbers the '</w>' symbols up front.
 
 
-@pytest.mark.xfail(strict=True, reason=TOKENIZER_PATCH)
 def test_trained_tokenizer_is_the_same_every_time():
     """48 captions leave many equal-count pairs: every call must still break the ties the same way."""
     from lvm_jax.data import build_source
@@ -336,7 +332,6 @@ def _state(workdir, step):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=TOKENIZER_PATCH)  # ~1 run in 2 rebuilds other token ids until then
 def test_resume_is_bitwise_exact_and_lvm_eval_agrees(tmp_path):
     """6 steps straight == 3 steps, restore, 3 more (48 rows / 16 per batch: epochs wrap)."""
     config = tiny_clip_config(**{"data.synthetic.num_train": 48})

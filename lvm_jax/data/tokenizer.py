@@ -277,8 +277,13 @@ def train_bpe(captions: Iterable[str], vocab_size: int) -> ClipTokenizer:
     ])
     # The trainer counts its alphabet (incl. '</w>' variants it sees) in vocab_size;
     # ask for enough and keep the first num_merges merges, which are in rank order.
+    # Equal-count merges are ranked by token id, and the trainer numbers each '</w>' symbol when it first
+    # meets it while walking a randomly seeded hash map (huggingface/tokenizers#1794): the same captions
+    # could give different merges in two calls. Naming all 256 '</w>' symbols up front, in a fixed order,
+    # numbers them before training, so the merges (all we keep) depend on the captions alone.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size + 2 * len(alphabet), initial_alphabet=alphabet,
-                                  end_of_word_suffix="</w>", show_progress=False, min_frequency=2)
+                                  end_of_word_suffix="</w>", show_progress=False, min_frequency=2,
+                                  special_tokens=[a + "</w>" for a in alphabet])
     tok.train_from_iterator((clean_text(c) for c in captions), trainer=trainer)
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
