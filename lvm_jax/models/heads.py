@@ -49,14 +49,22 @@ class DINOHead(nn.Module):
         if self.num_layers == 1:
             x = self._dense(x, self.bottleneck_dim, ("embed", "proj"), "fc_0")
         else:
-            x = self._dense(x, self.hidden_dim, ("embed", "mlp"), "fc_0")
-            x = nn.with_logical_constraint(nn.gelu(x, approximate=False), _batch_names(x.ndim, "act_mlp"))
-            for i in range(1, self.num_layers - 1):
-                # A dimension can carry one logical name only: the input side takes the
-                # FSDP name so this hidden x hidden kernel is sharded under FSDP too.
-                x = self._dense(x, self.hidden_dim, ("embed", "mlp"), f"fc_{i}")
-                x = nn.with_logical_constraint(nn.gelu(x, approximate=False), _batch_names(x.ndim, "act_mlp"))
-            x = self._dense(x, self.bottleneck_dim, ("mlp", "proj"), f"fc_{self.num_layers - 1}")
+            # Megatron-style pairs: a layer whose input features are whole is column-parallel
+            # (kernel ('embed', 'mlp'), output split on 'tensor'); the next one is row-parallel
+            # (kernel ('mlp', 'embed'), output whole). Every kernel keeps an FSDP ('embed') dim.
+            # Not ('embed', 'mlp') twice in a row: with data, fsdp and tensor all > 1, XLA's SPMD
+            # partitioner (jax 0.11/0.12) silently miscompiles that layer's input gradient, g @ W.T
+            # with g P(('data', 'fsdp'), 'tensor') and W P('fsdp', 'tensor'): it hands each device
+            # the rows of the batch tile with 'data' and 'fsdp' swapped.
+            split = False  # are the current features split over 'tensor' ('act_mlp')?
+            for i in range(self.num_layers - 1):
+                names = ("mlp", "embed") if split else ("embed", "mlp")
+                x = self._dense(x, self.hidden_dim, names, f"fc_{i}")
+                split = not split
+                x = nn.with_logical_constraint(nn.gelu(x, approximate=False),
+                                               _batch_names(x.ndim, "act_mlp" if split else "act_embed"))
+            names = ("mlp", "proj") if split else ("embed", "proj")
+            x = self._dense(x, self.bottleneck_dim, names, f"fc_{self.num_layers - 1}")
         x = x.astype(jnp.float32)
         # F.normalize(eps=1e-12): x / max(||x||, eps)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
