@@ -18,6 +18,7 @@ def tiny_supervised_config(**overrides) -> ml_collections.ConfigDict:
 
     c = load_config_file(str(ROOT / "configs" / "vit_synthetic.py"))
     c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 2, 2, 64
+    c.model.stem, c.model.patch_size = "patch", 4  # a plain ViT with 16 tokens (the default is a conv-stem hybrid)
     c.model.image_size = 16
     c.model.num_classes = 10
     c.data.image_size = 16
