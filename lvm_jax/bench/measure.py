@@ -100,9 +100,9 @@ def summarize(w: Workload, peak_tflops: float | None) -> dict[str, Any]:
       "step_ms_max": round(max(w.times) * 1e3, 3),
       "img_per_s": round(w.images_per_step / median, 3),
       "compile_s": round(w.compile_s, 3),
-      "tflop_per_step": _round(w.flops_per_step / 1e12 if w.flops_per_step else None, 6),
-      "xla_tflop_per_step": _round(w.xla_flops_per_step / 1e12 if w.xla_flops_per_step else None, 6),
-      "tflops": _round(tflops, 4),
+      "tflop_per_step": _sig(w.flops_per_step / 1e12 if w.flops_per_step else None),
+      "xla_tflop_per_step": _sig(w.xla_flops_per_step / 1e12 if w.xla_flops_per_step else None),
+      "tflops": _sig(tflops),
       "mfu": _round(tflops / peak_tflops if (tflops and peak_tflops) else None, 4),
       "peak_mem_gb": _round(w.peak_mem(), 3),
       "mem_source": w.mem_source,
@@ -113,6 +113,11 @@ def summarize(w: Workload, peak_tflops: float | None) -> dict[str, Any]:
 
 def _round(x: float | None, digits: int) -> float | None:
   return None if x is None else round(float(x), digits)
+
+
+def _sig(x: float | None, digits: int = 5) -> float | None:
+  """`digits` significant digits: a tiny model's TFLOP counts keep their precision (0.0000341, not 0.000034)."""
+  return None if x is None else float(f"{float(x):.{digits}g}")
 
 
 def rss_peak_gb() -> float:

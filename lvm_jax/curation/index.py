@@ -606,12 +606,15 @@ class PoolIndex:
         """
         qs, ns, ss = [], [], []
         self_join = queries is None
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
         def visit(qidx, rows, sim):
             qi, mi = np.nonzero(sim > threshold)
             q, n = qidx[qi], rows[mi]
             keep = q != n if self_join else slice(None)
-            qs.append(q[keep]), ns.append(n[keep]), ss.append(sim[qi[keep], mi[keep]])
+            # Lists are scanned in parallel threads: one append per visit keeps (q, n, s) aligned
+            # (three separate appends could interleave with another thread's).
+            found.append((q[keep], n[keep], sim[qi[keep], mi[keep]]))
 
         if self.kind == "flat":
             self._pairs_flat(threshold, queries, qs, ns, ss, desc)
@@ -624,6 +627,8 @@ class PoolIndex:
             nprobe = min(nprobe or self.cfg.nprobe, self.nlist)
             probes = None if nprobe >= self.nlist else self.quantizer.search(queries, nprobe)[1]
             self._scan(probes, len(queries), lambda idx: queries[idx], visit, desc)
+        for q, n, s in found:
+            qs.append(q), ns.append(n), ss.append(s)
         q, n, s = _cat(qs, np.int64), _cat(ns, np.int64), _cat(ss, np.float32)
         if self.comm.size > 1:
             q, n, s = self.comm.allgather(q), self.comm.allgather(n), self.comm.allgather(s)
