@@ -12,6 +12,17 @@ import ml_collections
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def set_dotted(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets `config.<a.b.c> = value` for each `{'a.b.c': value}` (Python values, no parsing); returns config."""
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
 def tiny_supervised_config(**overrides) -> ml_collections.ConfigDict:
     """The synthetic ViT config shrunk to a 2-block, 32-wide model on 16 px images."""
     from lvm_jax.config import load_config_file
@@ -32,13 +43,7 @@ def tiny_supervised_config(**overrides) -> ml_collections.ConfigDict:
     c.log_every = 1
     c.eval_every = 0
     c.ckpt_every = 3
-    for key, value in overrides.items():
-        node = c
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    return c
+    return set_dotted(c, overrides)
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 600,

@@ -604,7 +604,6 @@ class PoolIndex:
         range search returns for the same probes.  Merged over processes; every
         process gets all edges.
         """
-        qs, ns, ss = [], [], []
         self_join = queries is None
         found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -617,7 +616,7 @@ class PoolIndex:
             found.append((q[keep], n[keep], sim[qi[keep], mi[keep]]))
 
         if self.kind == "flat":
-            self._pairs_flat(threshold, queries, qs, ns, ss, desc)
+            self._pairs_flat(threshold, queries, found, desc)
         elif self_join:
             # Every process needs every row's probes: it scans its own lists for all rows.
             probes = self.comm.allgather(self.probes)
@@ -627,9 +626,7 @@ class PoolIndex:
             nprobe = min(nprobe or self.cfg.nprobe, self.nlist)
             probes = None if nprobe >= self.nlist else self.quantizer.search(queries, nprobe)[1]
             self._scan(probes, len(queries), lambda idx: queries[idx], visit, desc)
-        for q, n, s in found:
-            qs.append(q), ns.append(n), ss.append(s)
-        q, n, s = _cat(qs, np.int64), _cat(ns, np.int64), _cat(ss, np.float32)
+        q, n, s = (_cat([f[i] for f in found], dtype) for i, dtype in enumerate((np.int64, np.int64, np.float32)))
         if self.comm.size > 1:
             q, n, s = self.comm.allgather(q), self.comm.allgather(n), self.comm.allgather(s)
         return cap_per_query(q, n, s, k)
@@ -638,7 +635,7 @@ class PoolIndex:
         """`pairs_above` with the pool itself as the queries."""
         return self.pairs_above(threshold, k)
 
-    def _pairs_flat(self, threshold: float, queries, qs: list, ns: list, ss: list, desc: str) -> None:
+    def _pairs_flat(self, threshold: float, queries, found: list, desc: str) -> None:
         source = self.pool.chunks(0, len(self.pool), self.cfg.chunk) if queries is None else \
             ((s, np.ascontiguousarray(queries[s:s + self.cfg.chunk], np.float32))
              for s in range(0, len(queries), self.cfg.chunk))
@@ -650,7 +647,7 @@ class PoolIndex:
                     q = np.repeat(np.arange(start, start + len(x)), np.diff(lims).astype(np.int64))
                     n = i.astype(np.int64) + self.lo
                     keep = (d > threshold) & ((q != n) if queries is None else True)
-                    qs.append(q[keep]), ns.append(n[keep]), ss.append(d[keep].astype(np.float32))
+                    found.append((q[keep], n[keep], d[keep].astype(np.float32)))
                 bar.update(len(x))
 
 

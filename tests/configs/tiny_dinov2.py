@@ -2,6 +2,8 @@
 
 import pathlib
 
+from tests.helpers import set_dotted
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -25,13 +27,7 @@ def tiny_dinov2_config(**overrides):
     c.log_every = 1
     c.eval_every = 0
     c.ckpt_every = 3
-    for key, value in overrides.items():
-        node = c
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    return c
+    return set_dotted(c, overrides)
 
 
 def get_config(arg=None):
