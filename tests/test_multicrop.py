@@ -82,12 +82,40 @@ def test_blur_probabilities(image, monkeypatch, released):
         mc(image, multicrop_rng(0, i, 0))
     per_image = np.array(blurred[32])
     if released:  # global 1 never, global 2 with p 0.9
-        assert mc.blur_p == (0.0, 0.9, 0.5)
+        assert mc.blur_probabilities == (0.0, 0.9, 0.5)
         assert per_image.max() <= 1 and abs(per_image.mean() - 0.9) < 0.06
     else:  # paper: global 1 always, global 2 with p 0.1
-        assert mc.blur_p == (1.0, 0.1, 0.5)
+        assert mc.blur_probabilities == (1.0, 0.1, 0.5)
         assert per_image.min() >= 1 and abs(per_image.mean() - 1.1) < 0.06
     assert abs(np.sum(blurred[16]) / (8 * n) - 0.5) < 0.05
+
+
+def test_explicit_blur_probabilities_and_sigma(image, monkeypatch):
+    sigmas, sizes = [], []
+    real_blur = M.gaussian_blur
+
+    def spy(x, sigma, size=M.BLUR_KERNEL_SIZE):
+        sigmas.extend(np.asarray(sigma).tolist())
+        sizes.extend([x.shape[1]] * len(x))
+        return real_blur(x, sigma, size)
+
+    monkeypatch.setattr(M, "gaussian_blur", spy)
+    # Overrides released_code_blur; only the local crops are blurred, with small-image sigmas.
+    mc = MultiCrop(**SMALL, released_code_blur=True, blur_p=(0.0, 0.0, 1.0), blur_sigma=(0.1, 0.3))
+    assert mc.blur_probabilities == (0.0, 0.0, 1.0)
+    for i in range(20):
+        mc(image, multicrop_rng(0, i, 0))
+    assert sizes == [16] * (8 * 20)  # every local crop, no global crop
+    assert 0.1 <= min(sigmas) and max(sigmas) <= 0.3 and max(sigmas) - min(sigmas) > 0.1
+
+
+def test_bad_blur_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="blur_p=.*three probabilities"):
+        MultiCrop(**SMALL, blur_p=(1.0, 0.5))
+    with pytest.raises(ValueError, match="blur_p=.*three probabilities"):
+        MultiCrop(**SMALL, blur_p=(1.0, 0.5, 1.5))
+    with pytest.raises(ValueError, match="blur_sigma"):
+        MultiCrop(**SMALL, blur_sigma=(0.0, 1.0))
 
 
 def test_local_crop_larger_than_global_is_a_clear_error():

@@ -142,6 +142,11 @@ class MultiCrop:
       jitter: ColorJitter (brightness, contrast, saturation, hue).
       jitter_p / grayscale_p / solarize_p: probabilities (0.8 / 0.2 / 0.2).
       released_code_blur: use the released code's blur probabilities (see module doc).
+      blur_p: explicit (global 1, global 2, local) blur probabilities; overrides
+        `released_code_blur` when given.
+      blur_sigma: range of the blur's sigma in output pixels ((0.1, 2.0) for 224 px
+        crops; scale it with the crop size, e.g. (0.1, 0.3) at 32 px, or the blur
+        erases small images).
       mean / std: normalisation in [0, 1] pixel units.
     """
 
@@ -155,6 +160,8 @@ class MultiCrop:
     grayscale_p: float = 0.2
     solarize_p: float = 0.2
     released_code_blur: bool = False
+    blur_p: tuple[float, float, float] | None = None
+    blur_sigma: tuple[float, float] = BLUR_SIGMA
     mean: tuple[float, float, float] = T.IMAGENET_MEAN
     std: tuple[float, float, float] = T.IMAGENET_STD
 
@@ -172,9 +179,17 @@ class MultiCrop:
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi <= 1.0:
                 raise ValueError(f"{name}={(lo, hi)} must satisfy 0 < min <= max <= 1.")
+        if self.blur_p is not None and (len(self.blur_p) != 3 or not all(0.0 <= p <= 1.0 for p in self.blur_p)):
+            raise ValueError(f"blur_p={self.blur_p} must be three probabilities in [0, 1] "
+                             "(global crop 1, global crop 2, local crops).")
+        lo, hi = self.blur_sigma
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"blur_sigma={(lo, hi)} must satisfy 0 < min <= max (pixels), e.g. (0.1, 2.0).")
 
     @property
-    def blur_p(self) -> tuple[float, float, float]:
+    def blur_probabilities(self) -> tuple[float, float, float]:
+        if self.blur_p is not None:
+            return tuple(float(p) for p in self.blur_p)
         return RELEASED_CODE_BLUR_P if self.released_code_blur else PAPER_BLUR_P
 
     def _crops(self, image: np.ndarray, rng: np.random.Generator, n: int, size: int, scale) -> np.ndarray:
@@ -192,7 +207,7 @@ class MultiCrop:
         x[idx] = np.broadcast_to(grayscale(x[idx]), x[idx].shape)
         idx = _random_subset(rng, blur_p)
         if idx.size:
-            x[idx] = gaussian_blur(x[idx], rng.uniform(*BLUR_SIGMA, idx.size))
+            x[idx] = gaussian_blur(x[idx], rng.uniform(*self.blur_sigma, idx.size))
         idx = _random_subset(rng, solarize_p)
         x[idx] = np.where(x[idx] >= SOLARIZE_THRESHOLD, 1.0 - x[idx], x[idx])
         mean = np.asarray(self.mean, np.float32)
@@ -206,7 +221,7 @@ class MultiCrop:
             raise ValueError(
                 f"MultiCrop expects a decoded uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}; "
                 "decode it first (lvm_jax.data.transforms.decode_image).")
-        blur_global1, blur_global2, blur_local = self.blur_p
+        blur_global1, blur_global2, blur_local = self.blur_probabilities
         global_crops = self._photometric(
             self._crops(image, rng, 2, self.global_size, self.global_scale), rng,
             blur_p=np.array([blur_global1, blur_global2]), solarize_p=np.array([0.0, self.solarize_p]))

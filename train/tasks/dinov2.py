@@ -153,8 +153,9 @@ class Dinov2Task(Task):
     def multicrop(self) -> MultiCrop:
         crops = self.config.data.crops
         # Photometric fields left out of the config keep the recipe's values (MultiCrop's defaults).
-        photometric = {k: tuple(crops[k]) if k == "jitter" else float(crops[k])
-                       for k in ("jitter", "jitter_p", "grayscale_p", "solarize_p") if crops.get(k) is not None}
+        photometric = {k: tuple(crops[k]) if k in ("jitter", "blur_p", "blur_sigma") else float(crops[k])
+                       for k in ("jitter", "jitter_p", "grayscale_p", "solarize_p", "blur_p", "blur_sigma")
+                       if crops.get(k) is not None}
         return MultiCrop(
             global_size=int(crops.global_size), local_size=int(crops.local_size),
             num_local_crops=int(crops.num_local_crops), global_scale=tuple(crops.global_scale),
