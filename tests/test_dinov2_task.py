@@ -366,3 +366,17 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, monkeypatch):
     la, lb = loss(straight), loss(broken)
     for step in (12, 11, 10):
         assert la[step] == lb[step]
+
+
+def test_collapse_warnings_follow_the_documented_floors():
+    config = tiny_dinov2_config()  # K 64, teacher temperature warm-up 3 steps
+    task = get_task(config, _mesh((1, 1, 1)))
+    healthy = dict(teacher_row_entropy=2.0, teacher_entropy=3.5, teacher_feature_std=0.9, student_feature_std=0.9)
+    assert task.health_warnings(10, healthy) == []
+    uniform = {**healthy, "teacher_row_entropy": 0.95 * np.log(64)}
+    assert task.health_warnings(2, uniform) == []  # still warming up the teacher temperature
+    (warning,) = task.health_warnings(10, uniform)
+    assert warning.startswith("uniform collapse: teacher_row_entropy 3.951 > 0.9 ln K = 3.743")
+    kinds = [w.split(":")[0] for w in task.health_warnings(
+        10, {**healthy, "teacher_entropy": 0.2, "student_feature_std": 0.01})]
+    assert kinds == ["one-prototype collapse", "feature collapse (student_feature_std)"]

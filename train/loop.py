@@ -118,6 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         ckpt_every = int(config.get("ckpt_every", 0)) or total_steps
         metrics_file = workdir / "metrics.jsonl"
         history: list[dict[str, float]] = []
+        warned: set[str] = set()  # health-warning kinds already printed
         eval_metrics: dict[str, float] = {}
 
         def run_eval(step: int) -> dict[str, float]:
@@ -165,6 +166,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 if is_main:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(record) + "\n")
+                    for warning in task.health_warnings(step, values):
+                        kind = warning.split(":", 1)[0]
+                        if kind not in warned:
+                            warned.add(kind)
+                            tqdm.write(f"warning (step {step}): {warning}")
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
             if step % eval_every == 0 or step == total_steps:
                 eval_metrics = run_eval(step)

@@ -55,6 +55,14 @@ class Task:
 
         return state.replace(params=merge_pretrained(state.params, path, model=self.model))
 
+    def health_warnings(self, step: int, metrics: dict[str, float]) -> list[str]:
+        """One-sentence warnings about logged train metrics (e.g. a collapsing self-supervised run).
+
+        The loop prints each distinct warning once, at the first logged step where it appears.
+        """
+        del step, metrics
+        return []
+
     # --- evaluation -----------------------------------------------------------------------
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
         return {}

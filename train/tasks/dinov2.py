@@ -320,6 +320,29 @@ class Dinov2Task(Task):
                    **collapse_monitors(t_cls_logits, teacher_temp, t_cls, s_cls)}
         return new_state, metrics
 
+    def health_warnings(self, step: int, metrics: dict[str, float]) -> list[str]:
+        """The collapse monitors against their documented floors/ceiling, once the teacher temperature has warmed up."""
+        if step < int(self.config.teacher.temp_warmup_steps) or "teacher_row_entropy" not in metrics:
+            return []
+        ceiling = 0.9 * math.log(int(self.config.head.num_prototypes))
+        warnings = []
+        if metrics["teacher_row_entropy"] > ceiling:
+            warnings.append(
+                f"uniform collapse: teacher_row_entropy {metrics['teacher_row_entropy']:.3f} > 0.9 ln K = {ceiling:.3f}, "
+                "the teacher's CLS output is nearly the same uniform vector for every image (dino_loss ~ ln K); "
+                "make the targets predictable: weaker colour jitter, a lower teacher momentum or a larger "
+                "model.layerscale_init for short runs (see configs/dinov2_synthetic.py).")
+        if metrics.get("teacher_entropy", math.inf) < 1.0:
+            warnings.append(
+                f"one-prototype collapse: teacher_entropy {metrics['teacher_entropy']:.3f} < 1.0, every image "
+                "picks the same few prototypes; use dino.centering='sinkhorn_knopp' or a higher teacher temperature.")
+        for name in ("teacher_feature_std", "student_feature_std"):
+            if metrics.get(name, math.inf) < 0.1:
+                warnings.append(f"feature collapse ({name}): {name} {metrics[name]:.3f} < 0.1, the backbone maps "
+                                "every image to nearly one point (normal just after a LayerScale-1e-5 init; if it "
+                                "persists, raise dino.koleo_loss_weight or lower the lr).")
+        return warnings
+
     # --- eval ---------------------------------------------------------------------------------------
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
         ev = self.config.get("eval", ml_collections.ConfigDict())
