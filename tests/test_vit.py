@@ -345,3 +345,59 @@ def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
   with _pytest.raises(ValueError, match="power-of-two patch"):
     ViT(None, width=32, depth=1, num_heads=2, patch_size=6, image_size=12, stem="conv").init(
         jax.random.PRNGKey(0), jnp.ones((1, 12, 12, 3)))
+
+
+def test_conv_stem_widths_add_full_resolution_convs_and_reject_bad_values():
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  import pytest as _pytest
+  from lvm_jax.models import ViT
+  kw = dict(width=32, depth=1, num_heads=2, patch_size=4, image_size=16, num_classes=3,
+            stem="conv", pool="gap", class_token=False)
+  model = ViT(None, stem_widths=(8, 12, 24), **kw)  # one stride-1 conv, then two stride-2 convs
+  x = jnp.ones((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  out = model.apply(variables, x)
+  assert out["patch_tokens"].shape == (2, 16, 32) and out["logits"].shape == (2, 3)
+  stem = nn.meta.unbox(variables["params"])["conv_stem"]
+  assert [stem[f"conv_{i}"]["kernel"].shape for i in range(3)] == [
+      (3, 3, 3, 8), (3, 3, 8, 12), (3, 3, 12, 24)]
+  assert stem["proj"]["kernel"].shape == (1, 1, 24, 32)
+  # Stem kernels carry logical names (the 1x1 projection is sharded on 'embed').
+  boxed = variables["params"]["conv_stem"]
+  assert boxed["conv_0"]["kernel"].names == (None, None, None, None)
+  assert boxed["proj"]["kernel"].names == (None, None, None, "embed")
+  for bad in [(8,), (8, 0, 16)]:  # fewer convs than log2(patch) strides; a zero width
+    with _pytest.raises(ValueError, match="stem_widths"):
+      ViT(None, stem_widths=bad, **kw).init(jax.random.PRNGKey(0), x)
+  # stem='patch' ignores the conv-stem options (so `model.stem=patch` alone switches a config).
+  plain = ViT(None, stem_widths=(8, 16), stem_norm="instance", **{**kw, "stem": "patch"}).init(
+      jax.random.PRNGKey(0), x)
+  assert "patch_embed" in plain["params"] and "conv_stem" not in plain["params"]
+
+
+def test_conv_stem_instance_norm_normalises_per_image_channel_and_rejects_unknown_norms():
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  import numpy as np
+  import pytest as _pytest
+  from lvm_jax.models import ViT
+  kw = dict(width=32, depth=1, num_heads=2, patch_size=4, image_size=16, num_classes=3,
+            stem="conv", pool="gap", class_token=False)
+  model = ViT(None, stem_norm="instance", **kw)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  stem = nn.meta.unbox(variables["params"])["conv_stem"]
+  assert stem["norm_0"]["scale"].shape == (16,) and stem["norm_1"]["bias"].shape == (16,)
+  assert variables["params"]["conv_stem"]["norm_0"]["scale"].names == (None,)
+  assert model.apply(variables, x)["patch_tokens"].shape == (2, 16, 32)
+  # 'instance' normalises each channel over the image's H x W (no batch statistics): the first
+  # norm's output has zero mean and unit variance per (image, channel) at init.
+  _, state = model.apply(variables, x, capture_intermediates=True)
+  normed = state["intermediates"]["conv_stem"]["norm_0"]["__call__"][0]  # [2, 8, 8, 16]
+  np.testing.assert_allclose(normed.mean(axis=(1, 2)), 0.0, atol=1e-4)
+  np.testing.assert_allclose(normed.var(axis=(1, 2)), 1.0, atol=1e-2)
+  with _pytest.raises(ValueError, match="stem_norm"):
+    ViT(None, stem_norm="batch", **kw).init(jax.random.PRNGKey(0), x)
