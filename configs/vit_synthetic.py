@@ -2,10 +2,9 @@
 
 Command:   lvm-train --config configs/vit_synthetic.py --workdir runs/vit_synthetic
 Hardware:  2 CPU cores (any host); also runs unchanged on any GPU/TPU mesh.
-Time:      6 min 54 s measured on 2 CPU cores SHARED with two other training jobs (3000 steps x 128
-           images, ~980 img/s; 2026-11-27). Not measured quiet; estimated ~4 min there: the train
-           step is 1.22x faster than the previous default's (interleaved timing on the same load),
-           which ran 2000 steps in 3 min 17 s quiet (~1400 img/s).
+Time:      3 min 59.6 s wall on 2 QUIET CPU cores (compile and 4 evals included; 3000 steps x 128
+           images; 2026-11-27, `/usr/bin/time`). On the same 2 cores shared with two other training
+           jobs it took 6 min 54 s.
 Measured:  top1 0.9615 (top5 1.000) on the synthetic eval split after 3000 steps (384k images);
            0.825 at 1000, 0.937 at 2000. The same model with total_steps=3500: 0.9625 (8 min 3 s shared).
            57 of the 77 eval errors are circle <-> hexagon (about a pixel apart at this size).
