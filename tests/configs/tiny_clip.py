@@ -15,6 +15,8 @@ def tiny_clip_config(**overrides):
     c.model.embed_dim = 32
     v = c.model.vision
     v.width, v.depth, v.num_heads, v.mlp_dim, v.image_size = 32, 2, 2, 64, 16
+    # 4 px patches (16 tokens) and the plain LayerNorm stem: the default's 8 px hybrid leaves 2x2 tokens at 16 px.
+    v.patch_size, v.stem_widths, v.stem_norm = 4, None, "layer"
     t = c.model.text
     t.width, t.depth, t.num_heads, t.mlp_dim = 32, 1, 2, 64
     c.tokenizer.train_vocab_size = 600
