@@ -43,6 +43,7 @@ def get_config(arg=None):
         image_size=32,  # the learned pos-emb grid: the global crop size (local crops interpolate)
         pool="cls", class_token=True, num_registers=1, pos_embed="learned", pos_embed_interp="dinov2",
         layerscale_init=1e-5, ffn="mlp", drop_path_rate=0.1, drop_path_uniform=True, use_mask_token=True,
+        stem="patch", stem_widths=None, stem_norm="layer",  # 'conv' + 'instance': issue 2's hybrid stem
         dtype="float32", param_dtype="float32", attention_impl="xla", remat="none", scan_layers=False,
     ))
     # DINO / iBOT heads (lvm_jax.models.heads.DINOiBOTHeads fields).
