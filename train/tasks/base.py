@@ -58,7 +58,8 @@ class Task:
     def health_warnings(self, step: int, metrics: dict[str, float]) -> list[str]:
         """One-sentence warnings about logged train metrics (e.g. a collapsing self-supervised run).
 
-        The loop prints each distinct warning once, at the first logged step where it appears.
+        Each warning starts with its kind and a colon ("uniform collapse: ..."); the loop prints
+        each kind once, at the first logged step where it appears.
         """
         del step, metrics
         return []

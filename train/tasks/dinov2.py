@@ -76,6 +76,10 @@ from train.tasks.base import Task
 from train.tasks.common import DTYPES, build_vit
 
 CENTERINGS = ("sinkhorn_knopp", "centering")
+# The collapse monitors' documented bounds (module docstring), checked by `health_warnings`.
+ROW_ENTROPY_CEILING = 0.9  # x ln K
+ENTROPY_FLOOR = 1.0
+FEATURE_STD_FLOOR = 0.1
 
 
 class Dinov2Task(Task):
@@ -153,9 +157,10 @@ class Dinov2Task(Task):
     def multicrop(self) -> MultiCrop:
         crops = self.config.data.crops
         # Photometric fields left out of the config keep the recipe's values (MultiCrop's defaults).
-        photometric = {k: tuple(crops[k]) if k in ("jitter", "blur_p", "blur_sigma") else float(crops[k])
-                       for k in ("jitter", "jitter_p", "grayscale_p", "solarize_p", "blur_p", "blur_sigma")
+        photometric = {k: float(crops[k]) for k in ("jitter_p", "grayscale_p", "solarize_p")
                        if crops.get(k) is not None}
+        photometric.update({k: tuple(crops[k]) for k in ("jitter", "blur_p", "blur_sigma")
+                            if crops.get(k) is not None})
         return MultiCrop(
             global_size=int(crops.global_size), local_size=int(crops.local_size),
             num_local_crops=int(crops.num_local_crops), global_scale=tuple(crops.global_scale),
@@ -324,7 +329,7 @@ class Dinov2Task(Task):
         """The collapse monitors against their documented floors/ceiling, once the teacher temperature has warmed up."""
         if step < int(self.config.teacher.temp_warmup_steps) or "teacher_row_entropy" not in metrics:
             return []
-        ceiling = 0.9 * math.log(int(self.config.head.num_prototypes))
+        ceiling = ROW_ENTROPY_CEILING * math.log(int(self.config.head.num_prototypes))
         warnings = []
         if metrics["teacher_row_entropy"] > ceiling:
             warnings.append(
@@ -332,12 +337,12 @@ class Dinov2Task(Task):
                 "the teacher's CLS output is nearly the same uniform vector for every image (dino_loss ~ ln K); "
                 "make the targets predictable: weaker colour jitter, a lower teacher momentum or a larger "
                 "model.layerscale_init for short runs (see configs/dinov2_synthetic.py).")
-        if metrics.get("teacher_entropy", math.inf) < 1.0:
+        if metrics.get("teacher_entropy", math.inf) < ENTROPY_FLOOR:
             warnings.append(
                 f"one-prototype collapse: teacher_entropy {metrics['teacher_entropy']:.3f} < 1.0, every image "
                 "picks the same few prototypes; use dino.centering='sinkhorn_knopp' or a higher teacher temperature.")
         for name in ("teacher_feature_std", "student_feature_std"):
-            if metrics.get(name, math.inf) < 0.1:
+            if metrics.get(name, math.inf) < FEATURE_STD_FLOOR:
                 warnings.append(f"feature collapse ({name}): {name} {metrics[name]:.3f} < 0.1, the backbone maps "
                                 "every image to nearly one point (normal just after a LayerScale-1e-5 init; if it "
                                 "persists, raise dino.koleo_loss_weight or lower the lr).")
