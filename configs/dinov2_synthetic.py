@@ -72,8 +72,11 @@ def get_config(arg=None):
             # Stronger colour augmentation than the recipe's (0.4, 0.4, 0.2, 0.1) / 0.8 / 0.2: each
             # image's colours are random and shared by its views, the easiest thing to match.
             jitter=(0.4, 0.4, 0.6, 0.5), jitter_p=0.8, grayscale_p=0.4, solarize_p=0.2)),
-        synthetic=ml_collections.ConfigDict(dict(num_train=20000, num_eval=1000, seed=0, image_size=32,
-                                                 num_classes=10)),
+        synthetic=ml_collections.ConfigDict(dict(
+            num_train=20000, num_eval=1000, seed=0, image_size=32, num_classes=10,
+            # Training records as V renderings of each shape in new scenes (crop k from view k mod V;
+            # 0: one image per record). Evals always use one rendering per image.
+            views=0, view_nuisances=("color", "background", "position", "clutter", "noise"))),
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -319,6 +319,9 @@ def test_published_configs_build_sharded_state(needs_8, path, backbone_params, f
     (["--config.ibot.mask_ratio=(0.1, 1.5)"], "config.ibot.mask_ratio=(0.1, 1.5) must be"),
     (["--config.ibot.mask_ratio=(-0.1, 0.5)"], "config.ibot.mask_ratio=(-0.1, 0.5) must be"),
     (["--config.batch_size=8"], "KoLeo needs >= 2"),
+    (["--config.data.synthetic.views=1"], "config.data.synthetic.views=1 must be 0"),
+    (["--config.data.synthetic.views=3", "--config.data.synthetic.view_nuisances=('hue',)"],
+     "unknown group(s) ['hue']"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, overrides, message):
     rc = train_main(["--config", CONFIG, "--workdir", str(tmp_path / "w"), *overrides])
@@ -380,3 +383,43 @@ def test_collapse_warnings_follow_the_documented_floors():
     kinds = [w.split(":")[0] for w in task.health_warnings(
         10, {**healthy, "teacher_entropy": 0.2, "student_feature_std": 0.01})]
     assert kinds == ["one-prototype collapse", "feature collapse (student_feature_std)"]
+
+
+def test_multi_view_pipeline_resumes_exactly_and_evals_use_single_images():
+    from lvm_jax.data.synthetic import SyntheticShapes, SyntheticViews
+
+    config = tiny_dinov2_config(**{"data.synthetic.views": 4})
+    task = get_task(config, _mesh((1, 1, 1)))
+    source = task.train_source()
+    assert isinstance(source, SyntheticViews) and source.num_views == 4 and len(source) == 96
+    assert isinstance(task._train_subset(0), SyntheticShapes)  # kNN / linear evals: one rendering per image
+
+    def loader():
+        return lvm_data.make_loader(source, task.train_transforms(), batch_size=16, shuffle=True, seed=0)
+
+    it = iter(loader())
+    for _ in range(5):  # 96 records / 16: the next batches cross an epoch boundary
+        next(it)
+    saved = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(loader())
+    resumed.set_state(saved)
+    for want in expected:
+        got = next(resumed)
+        assert set(got) == set(want) and got["global_crops"].shape == (16, 2, 16, 16, 3)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # The two global crops of a sample come from different renderings: far apart in colour,
+    # unlike the plain pipeline's (same image, photometric jitter only).
+    def colour_gap(batch):
+        means = batch["global_crops"].mean(axis=(2, 3))  # [B, 2, 3]
+        return np.abs(means[:, 0] - means[:, 1]).mean()
+
+    plain = get_task(tiny_dinov2_config(**{"data.crops.jitter_p": 0.0, "data.crops.grayscale_p": 0.0,
+                                           "data.crops.solarize_p": 0.0}), _mesh((1, 1, 1)))
+    views = get_task(tiny_dinov2_config(**{"data.crops.jitter_p": 0.0, "data.crops.grayscale_p": 0.0,
+                                           "data.crops.solarize_p": 0.0, "data.synthetic.views": 2}),
+                     _mesh((1, 1, 1)))
+    gaps = [colour_gap(next(iter(lvm_data.make_loader(t.train_source(), t.train_transforms(), batch_size=32,
+                                                      shuffle=True, seed=0)))) for t in (plain, views)]
+    assert gaps[1] > 2 * gaps[0], gaps

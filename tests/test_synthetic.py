@@ -188,3 +188,64 @@ def test_raw_pixel_knn_is_near_chance():
   accs = _knn_accuracies(mask[:1000, ..., None], scene["label"][:1000],
                          mask[1000:, ..., None], scene["label"][1000:], ks=[1])
   assert accs[("l2", 1)] > 0.95
+
+
+# ---------------------------------------------------------------------------- multi-view samples
+
+
+def test_views_share_the_shape_instance_and_redraw_the_nuisances():
+  idx = np.arange(60)
+  base = S.sample_scenes(idx, seed=2)
+  images, labels = S.render_views(idx, 3, seed=2)
+  assert images.shape == (60, 3, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(images[:, 0], S.render(idx, seed=2)[0])  # view 0: the data set's image
+  np.testing.assert_array_equal(labels, base["label"])
+  for v in (1, 2):
+    view = S.sample_view_scenes(idx, v, seed=2)
+    for kept in ("label", "size", "angle", "template"):
+      np.testing.assert_array_equal(view[kept], base[kept])
+    # Re-drawn: continuous fields differ everywhere, categorical ones mostly (12 colours, 4 textures).
+    for redrawn in ("cx", "cy", "bg_phase", "noise_amp", "shade_amp", "dis_x"):
+      assert (view[redrawn] != base[redrawn]).all(), redrawn
+    assert (view["color"] != base["color"]).mean() > 0.7 and (view["bg_type"] != base["bg_type"]).mean() > 0.5
+    assert all((images[i, v] != images[i, 0]).mean() > 0.5 for i in range(60))
+  # Shape colour always contrasts with the (re-drawn) background, as in the data set itself.
+  view = S.sample_view_scenes(idx, 1, seed=2)
+  assert S._ALLOWED_BG2[view["color"], view["bg1"], view["bg2"]].all()
+  # Size and rotation are re-drawn only on request; position is kept when not listed.
+  both = S.sample_view_scenes(idx, 1, seed=2, nuisances=("size", "rotation"))
+  assert (both["size"] != base["size"]).all() and (both["angle"] != base["angle"]).all()
+  np.testing.assert_array_equal(both["color"], base["color"])
+  np.testing.assert_array_equal(both["bg_phase"], base["bg_phase"])
+  with pytest.raises(ValueError, match="unknown synthetic view nuisance"):
+    S.sample_view_scenes(idx, 1, nuisances=("colour",))
+
+
+def test_views_are_a_pure_function_of_seed_and_index():
+  a, la = S.render_views(np.arange(30), 4, seed=1)
+  b, _ = S.render_views(np.arange(30), 4, seed=1)
+  assert a.tobytes() == b.tobytes()
+  single, ls = S.render_views(np.array([17]), 4, seed=1)
+  np.testing.assert_array_equal(single[0], a[17])
+  assert ls[0] == la[17]
+  other, _ = S.render_views(np.arange(30), 4, seed=3)
+  assert all((other[i, 1] != a[i, 1]).any() for i in range(30))
+  # View v is the same whatever the number of views rendered with it.
+  np.testing.assert_array_equal(S.render_views(np.arange(30), 2, seed=1)[0], a[:, :2])
+
+
+def test_views_source_records_and_errors():
+  base = S.SyntheticShapes(50, seed=4, image_size=16)
+  src = S.SyntheticViews(base, 3)
+  r = src[7]
+  assert set(r) == {"views", "label", "id"} and r["id"] == 7 and r["label"] == base[7]["label"]
+  assert r["views"].shape == (3, 16, 16, 3)
+  np.testing.assert_array_equal(r["views"][0], base[7]["image"])
+  assert len(src) == 50 and src.num_classes == 10
+  assert pickle.loads(pickle.dumps(src))[7]["views"].tobytes() == r["views"].tobytes()
+  with pytest.raises(IndexError):
+    src[50]
+  with pytest.raises(ValueError, match="num_views >= 2"):
+    S.SyntheticViews(base, 1)
+  with pytest.raises(ValueError, match="unknown synthetic view nuisance"):
+    S.SyntheticViews(base, 2, nuisances=("shape",))

@@ -192,13 +192,18 @@ class MultiCrop:
             return tuple(float(p) for p in self.blur_p)
         return RELEASED_CODE_BLUR_P if self.released_code_blur else PAPER_BLUR_P
 
-    def _crops(self, image: np.ndarray, rng: np.random.Generator, n: int, size: int, scale) -> np.ndarray:
-        """n random-resized, randomly flipped crops as float32 [n, size, size, 3] in [0, 1]."""
+    def _crops(self, views: np.ndarray, first: int, rng: np.random.Generator, n: int, size: int,
+               scale) -> np.ndarray:
+        """n random-resized, randomly flipped crops as float32 [n, size, size, 3] in [0, 1]; crop j of
+        this group is cut from `views[(first + j) % V]` ([V, H, W, 3])."""
         if n == 0:
             return np.zeros((0, size, size, 3), np.float32)
-        views = [T.hflip(T.crop_resize(image, T.sample_rrc_box(*image.shape[:2], rng, scale), size, "bicubic"),
-                         rng) for _ in range(n)]
-        return np.stack(views).astype(np.float32) / 255.0
+        crops = []
+        for j in range(n):
+            image = views[(first + j) % len(views)]
+            box = T.sample_rrc_box(*image.shape[:2], rng, scale)
+            crops.append(T.hflip(T.crop_resize(image, box, size, "bicubic"), rng))
+        return np.stack(crops).astype(np.float32) / 255.0
 
     def _photometric(self, x: np.ndarray, rng: np.random.Generator, blur_p: np.ndarray,
                      solarize_p: np.ndarray) -> np.ndarray:
@@ -215,31 +220,38 @@ class MultiCrop:
         return ((x - mean) / std).astype(np.float32)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """uint8 `[H, W, 3]` -> `global_crops [2, G, G, 3]`, `local_crops [N, L, L, 3]` (float32, normalised)."""
+        """uint8 `[H, W, 3]` -> `global_crops [2, G, G, 3]`, `local_crops [N, L, L, 3]` (float32, normalised).
+
+        `image` may also be a stack of V views of one sample, uint8 `[V, H, W, 3]` (e.g.
+        `lvm_jax.data.synthetic.SyntheticViews`): crop k (global 1, global 2, local 1, ..., local N)
+        is cut from view k mod V. One view is exactly the single-image case.
+        """
         image = np.asarray(image)
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        if image.ndim not in (3, 4) or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(
-                f"MultiCrop expects a decoded uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}; "
-                "decode it first (lvm_jax.data.transforms.decode_image).")
+                f"MultiCrop expects a decoded uint8 RGB image [H, W, 3] (or views [V, H, W, 3]), got "
+                f"{image.dtype} {image.shape}; decode it first (lvm_jax.data.transforms.decode_image).")
+        views = image[None] if image.ndim == 3 else image
         blur_global1, blur_global2, blur_local = self.blur_probabilities
         global_crops = self._photometric(
-            self._crops(image, rng, 2, self.global_size, self.global_scale), rng,
+            self._crops(views, 0, rng, 2, self.global_size, self.global_scale), rng,
             blur_p=np.array([blur_global1, blur_global2]), solarize_p=np.array([0.0, self.solarize_p]))
         n = self.num_local_crops
         local_crops = self._photometric(
-            self._crops(image, rng, n, self.local_size, self.local_scale), rng,
+            self._crops(views, 2, rng, n, self.local_size, self.local_scale), rng,
             blur_p=np.full(n, blur_local), solarize_p=np.zeros(n))
         return dict(global_crops=global_crops, local_crops=local_crops)
 
 
 class MultiCropTransform(grain.RandomMapTransform):
-    """grain adapter: record `{'image': uint8 [H, W, 3], 'label': int, ...}` ->
-    `{'global_crops', 'local_crops', 'label'}` (label int32, -1 when the record has none)."""
+    """grain adapter: record `{'image': uint8 [H, W, 3], 'label': int, ...}` (or `{'views': uint8
+    [V, H, W, 3], ...}`, see `MultiCrop.__call__`) -> `{'global_crops', 'local_crops', 'label'}`
+    (label int32, -1 when the record has none)."""
 
     def __init__(self, multicrop: MultiCrop):
         self.multicrop = multicrop
 
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        out = self.multicrop(record["image"], rng)
+        out = self.multicrop(record["views"] if "views" in record else record["image"], rng)
         out["label"] = np.int32(record.get("label", -1))
         return out

@@ -21,6 +21,9 @@ are padded to the fixed bound `int(N * mask_ratio[1])`, so every batch has the
 same shapes and the jitted step compiles once. (The reference stratifies the
 ratios over a whole per-GPU batch instead; per sample the distribution is the
 same, and this layout keeps every gather on the device that holds the sample.)
+With `data.synthetic.views = V` (synthetic source only) a training record is V
+renderings of one shape in different scenes (`SyntheticViews`) and crop k is
+cut from view k mod V; the kNN / linear evals still use one rendering per image.
 
 State: `params = {'backbone', 'heads'}` (the student); `extra = {'teacher':
 same structure, 'dino_center' [K], 'ibot_center' [K_ibot]}` (centres stay 0
@@ -63,6 +66,7 @@ from lvm_jax import data as lvm_data
 from lvm_jax import schedules, sharding
 from lvm_jax.data.masking import MaskCollator
 from lvm_jax.data.multicrop import MultiCrop, MultiCropTransform
+from lvm_jax.data.synthetic import DEFAULT_VIEW_NUISANCES, VIEW_NUISANCES, SyntheticViews
 from lvm_jax.data.transforms import DecodeImage, DropFailed
 from lvm_jax.errors import UserError
 from lvm_jax.evals.knn import extract_features, knn_classifier
@@ -115,6 +119,18 @@ class Dinov2Task(Task):
         if self.use_ibot and int(2 * p) == 0:
             raise UserError(f"config.ibot.mask_probability={p} masks no global crop (each sample masks "
                             "int(2 * p) of its 2 crops); use >= 0.5 or set config.ibot.loss_weight=0.")
+        views = self.synthetic_views
+        if views:
+            if (c.data.get("source", "synthetic") or "synthetic") != "synthetic":
+                raise UserError(f"config.data.synthetic.views={views} re-renders synthetic scenes, but "
+                                f"config.data.source={c.data.source!r}; set views=0 for real images.")
+            if views < 2:
+                raise UserError(f"config.data.synthetic.views={views} must be 0 (one image per sample) or >= 2 "
+                                "(renderings of each shape, crop k from view k mod views).")
+            unknown = sorted(set(c.data.synthetic.get("view_nuisances", None) or ()) - set(VIEW_NUISANCES))
+            if unknown:
+                raise UserError(f"config.data.synthetic.view_nuisances has unknown group(s) {unknown}; "
+                                f"choose from {sorted(VIEW_NUISANCES)}.")
         if c.dino.centering not in CENTERINGS:
             raise UserError(f"config.dino.centering={c.dino.centering!r} is unknown; use one of {CENTERINGS}.")
         if float(c.dino.koleo_loss_weight) > 0:
@@ -172,6 +188,22 @@ class Dinov2Task(Task):
     def mask_collator(self) -> MaskCollator:
         return MaskCollator(self.grid, mask_ratio=tuple(float(x) for x in self.config.ibot.mask_ratio),
                             mask_probability=float(self.config.ibot.mask_probability), n_global_crops=2)
+
+    @property
+    def synthetic_views(self) -> int:
+        """`config.data.synthetic.views`: renderings per sample for the multi-crop (0: one image)."""
+        syn = self.config.data.get("synthetic", None) or {}
+        return int(syn.get("views", 0) or 0)
+
+    def train_source(self):
+        """The training records; with `data.synthetic.views` each is several renderings of one shape
+        (`SyntheticViews`). The evals always use the plain source (one rendering per image)."""
+        source = lvm_data.build_source(self.config.data, split="train")
+        if not self.synthetic_views:
+            return source
+        nuisances = self.config.data.synthetic.get("view_nuisances", None)
+        return SyntheticViews(source, self.synthetic_views,
+                              tuple(nuisances) if nuisances is not None else DEFAULT_VIEW_NUISANCES)
 
     def train_transforms(self) -> list:
         ops: list = []
@@ -384,7 +416,7 @@ class Dinov2Task(Task):
         return result
 
     def _train_subset(self, size: int):
-        source = self.train_source()
+        source = lvm_data.build_source(self.config.data, split="train")  # never the multi-view records
         if not size or size >= len(source):
             return source
         # A fixed random subset: sources ordered by class (image folders) would bias a prefix.
