@@ -190,6 +190,9 @@ def environment() -> dict[str, Any]:
       "load_average": load_average(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
+  from lvm_jax.models import perf
+
+  env["impl_switches"] = perf.current()
   try:
     import flax
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm_jax.models import perf
 from lvm_jax.models.pos_embed import posemb_sincos_2d, resample_pos_embed  # noqa: F401 (re-export)
 
 Array = jax.Array
@@ -89,6 +90,9 @@ class LayerNorm(nn.Module):
     width = x.shape[-1]
     scale = self.param("scale", logical(ones_init, ("embed",)), (width,), self.param_dtype)
     bias = self.param("bias", logical(zeros_init, ("embed",)), (width,), self.param_dtype)
+    if perf.choice("LVM_JAX_LAYERNORM") == "autodiff":
+      xhat, _, _ = _ln_stats(x, self.epsilon)
+      return (xhat * scale.astype(xhat.dtype) + bias.astype(xhat.dtype)).astype(self.dtype)
     return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
@@ -303,18 +307,25 @@ class MultiDense(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    in_shape = x.shape[-self.num_in:]
+  def weights(self, in_shape: tuple[int, ...]) -> tuple[Array, Array | None]:
+    """Declares (once) and returns the params: kernel `[*in_shape, *features]`, bias `[*features]` or None."""
     n_in = len(in_shape)
     kernel_shape = tuple(in_shape) + tuple(self.features)
     init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)),
                                           out_axis=tuple(range(n_in, len(kernel_shape))))
     kernel = self.param("kernel", logical(init, self.names), kernel_shape, self.param_dtype)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    bias = None
     if self.use_bias:
       bias = self.param("bias", logical(zeros_init, self.names[n_in:]), tuple(self.features),
                         self.param_dtype)
+    return kernel, bias
+
+  def __call__(self, x: Array) -> Array:
+    """`[..., *in]` -> `[..., *features]`."""
+    kernel, bias = self.weights(tuple(x.shape[-self.num_in:]))
+    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if bias is not None:
       y = y + bias.astype(self.dtype)
     return y
 
@@ -348,12 +359,15 @@ class Attention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}; "
                        "change one of them or set head_dim.")
     head_dim = self.head_dim or width // self.num_heads
-    proj = lambda name, x: MultiDense(
+    proj = lambda name: MultiDense(
         (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), use_bias=self.qkv_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-    q = proj("query", inputs_q)
-    k = proj("key", inputs_kv)
-    v = proj("value", inputs_kv)
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    if inputs_kv is inputs_q and perf.choice("LVM_JAX_QKV") == "fused":
+      q, k, v = _fused_qkv([proj(name) for name in ("query", "key", "value")], inputs_q, self.dtype)
+    else:
+      q = proj("query")(inputs_q)
+      k = proj("key")(inputs_kv)
+      v = proj("value")(inputs_kv)
     names = ("batch", "length", "act_heads", "act_kv")
     q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
     x = dot_product_attention(q, k, v, mask=mask, causal=causal, impl=self.attention_impl)
@@ -361,6 +375,20 @@ class Attention(nn.Module):
     out = MultiDense((self.out_features or width,), 2, ("heads", "kv", "embed"), use_bias=self.out_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
     return constrain(out, ("batch", "length", "act_embed"))
+
+
+def _fused_qkv(projections: Sequence[MultiDense], x: Array, dtype: Dtype) -> tuple[Array, Array, Array]:
+  """q, k, v `[B, L, N, H]` from one `[D] x [D, 3, N, H]` matmul over the three projections' own params.
+
+  One wide matmul instead of three narrow ones (and one for each gradient); the
+  params stay separate `query` / `key` / `value` trees, stacked on the fly.
+  """
+  weights = [p.weights((x.shape[-1],)) for p in projections]
+  kernel = jnp.stack([w.astype(dtype) for w, _ in weights], axis=1)  # [D, 3, N, H]
+  y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  if weights[0][1] is not None:
+    y = y + jnp.stack([b.astype(dtype) for _, b in weights], axis=0)
+  return y[..., 0, :, :], y[..., 1, :, :], y[..., 2, :, :]
 
 
 # --- feed-forward -------------------------------------------------------------

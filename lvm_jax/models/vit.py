@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvm_jax.models import perf
 from lvm_jax.models.layers import (
     Encoder, MAPHead, constrain, dense_init, layer_norm, logical, zeros_init)
 from lvm_jax.models.pos_embed import POS_EMBED_INTERP, posemb_sincos_2d, resample_pos_embed
@@ -122,6 +123,39 @@ class ConvStem(nn.Module):
     return nn.Conv(self.width, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                    bias_init=logical(zeros_init, ("embed",)), name="proj")(x)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> `width` channels; params as nn.Conv's: `kernel [p, p, C, D]`, `bias [D]`.
+
+  `[B, H, W, C] -> [B, H/p, W/p, D]`, computed as a strided conv or as
+  patches-to-rows + one matmul (same function; LVM_JAX_PATCH_EMBED picks, see
+  lvm_jax/models/perf.py).
+  """
+  width: int
+  patch: tuple[int, int]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    ph, pw = self.patch
+    batch, height, wid, channels = x.shape
+    kernel = self.param("kernel", logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                        (ph, pw, channels, self.width), self.param_dtype).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if perf.choice("LVM_JAX_PATCH_EMBED") == "matmul":
+      gh, gw = height // ph, wid // pw
+      rows = x[:, :gh * ph, :gw * pw].reshape(batch, gh, ph, gw, pw, channels).transpose(0, 1, 3, 2, 4, 5)
+      y = rows.reshape(batch, gh, gw, ph * pw * channels) @ kernel.reshape(ph * pw * channels, self.width)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, self.patch, "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", logical(zeros_init, ("embed",)), (self.width,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class ViT(nn.Module):
@@ -229,10 +263,8 @@ class ViT(nn.Module):
     elif self.stem != "patch":
       raise ValueError(f"Unknown stem {self.stem!r}; choose 'patch' or 'conv'.")
     else:
-      x = nn.Conv(width, patch, strides=patch, padding="VALID", use_bias=self.patch_bias,
-                  dtype=self.dtype, param_dtype=self.param_dtype,
-                  kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                  bias_init=logical(zeros_init, ("embed",)), name="patch_embed")(x)
+      x = PatchEmbed(width, patch, self.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="patch_embed")(x)
     x = x.reshape(batch, num_patches, width)
 
     if self.use_mask_token:

@@ -1,0 +1,46 @@
+"""Implementation switches that change speed, never the function computed.
+
+Each switch picks between numerically equivalent ways of computing one piece of
+the model; the best choice depends on the backend (XLA:CPU and XLA:GPU fuse
+differently), so the default is per backend and an environment variable
+overrides it for A/B benchmarks (`scripts/gpu_ab.py`, `lvm-bench`):
+
+  LVM_JAX_LAYERNORM    'custom_vjp' | 'autodiff'   LayerNorm backward written out, or jax.grad's
+  LVM_JAX_QKV          'separate' | 'fused'        self-attention q/k/v as three matmuls or one
+  LVM_JAX_PATCH_EMBED  'conv' | 'matmul'           patchify as a strided conv or reshape + matmul
+
+The choice is read when a model is traced (jit), so set the variable before
+the first call. Params and outputs are the same for every choice (tested in
+tests/test_layers.py and tests/test_vit.py).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+# switch -> (choices, {backend: default}); backends not listed use the first choice. GPU defaults
+# from scripts/gpu_ab.py on one H200 (ViT-B/16 bf16 train, b256, 2026-11-27): fused q/k/v 1.048x,
+# matmul patchify 1.016x, autodiff LayerNorm 1.008x vs the first choices (run-to-run spread 0.2%).
+# On CPU the written-out LayerNorm backward is faster (docstring of layers.LayerNorm).
+SWITCHES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "LVM_JAX_LAYERNORM": (("custom_vjp", "autodiff"), {}),
+    "LVM_JAX_QKV": (("separate", "fused"), {"gpu": "fused"}),
+    "LVM_JAX_PATCH_EMBED": (("conv", "matmul"), {"gpu": "matmul"}),
+}
+
+
+def choice(switch: str) -> str:
+  """The implementation `switch` resolves to now: the environment's value, else the backend's default."""
+  choices, defaults = SWITCHES[switch]
+  value = os.environ.get(switch, "").strip()
+  if not value:
+    return defaults.get(jax.default_backend(), choices[0])
+  if value not in choices:
+    raise ValueError(f"{switch}={value!r} is not a valid choice; set it to one of {choices} or unset it.")
+  return value
+
+
+def current() -> dict[str, str]:
+  """Every switch's resolved value (recorded in benchmark results)."""
+  return {name: choice(name) for name in SWITCHES}

@@ -1,0 +1,299 @@
+"""A/B of the ViT-B/16 bf16 training step's implementation choices on one GPU, plus a kernel profile.
+
+  python scripts/gpu_ab.py --out DIR [--budget-s 400]
+
+Each variant is one `lvm-bench` process (ViT-B/16, 224 px, batch 256, bf16,
+cuDNN attention) with its own environment: the implementation switches of
+lvm_jax/models/perf.py and XLA flags. The first variant (today's defaults)
+also times timm under torch.compile, so every variant's ratio to timm comes
+from the same run. Then the switches that won on their own are combined, the
+best variant is profiled (jax.profiler -> perfetto trace, summed per kernel
+and per kind: GEMM, attention, conv, elementwise/reduction fusions, copies),
+its optimised HLO is dumped, and the remaining budget runs the other suite
+rows (ViT-L/16, DINOv2 S/14, CLIP B/16) with the winning switches.
+Writes DIR/ab.json (every row), DIR/profile_summary.json,
+DIR/perfetto_trace.json.gz and DIR/hlo_after_optimizations.txt.gz; prints a
+table last.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+BASE_ARGS = ["--model", "vit", "--variant", "B/16", "--batch", "256", "--res", "224", "--mode", "train",
+             "--dtype", "bfloat16", "--attention", "cudnn", "--steps", "15", "--warmup", "3"]
+DEFAULTS = {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate", "LVM_JAX_PATCH_EMBED": "conv"}
+# (name, env changes) tried one at a time against the defaults.
+SINGLE = [
+    ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"}),
+    ("qkv=fused", {"LVM_JAX_QKV": "fused"}),
+    ("patch_embed=matmul", {"LVM_JAX_PATCH_EMBED": "matmul"}),
+    ("xla: triton gemm off", {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
+]
+WIN_MARGIN = 1.01  # a switch is kept when it is >= 1% faster than the baseline
+
+
+def bench(name: str, env_changes: dict[str, str], extra: list[str], timeout: float,
+          rows: list[dict[str, Any]], kind: str = "ab") -> dict[str, Any]:
+  """Runs one lvm-bench process; appends and returns its row (status, jax + torch results)."""
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    path = f.name
+  env = dict(os.environ, **DEFAULTS)
+  env.update(env_changes)
+  cmd = [sys.executable, "-m", "lvm_jax.bench", *BASE_ARGS, *extra, "--json", path]
+  row: dict[str, Any] = {"name": name, "kind": kind, "env": {k: env.get(k, "") for k in (*DEFAULTS, "XLA_FLAGS")},
+                         "args": " ".join(cmd[3:])}
+  start = time.monotonic()
+  try:
+    proc = subprocess.run(cmd, env=env, timeout=max(timeout, 5), capture_output=True, text=True)
+    row["status"] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+    if proc.returncode:
+      row["stderr_tail"] = proc.stderr[-2500:]
+  except subprocess.TimeoutExpired:
+    row["status"] = "timed out"
+  row["wall_s"] = round(time.monotonic() - start, 1)
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path) as f:
+      payload = json.load(f)
+    row["results"] = payload["results"]
+    row["ratios"] = payload["ratios"]
+    row["switches"] = payload.get("env", {}).get("impl_switches")
+  if os.path.exists(path):
+    os.unlink(path)
+  rows.append(row)
+  jax_row = (row.get("results") or [{}])[0]
+  print(f"[ab] {name:28s} {row['status']:10s} {jax_row.get('img_per_s', float('nan')):8.1f} img/s "
+        f"mfu {jax_row.get('mfu')} compile {jax_row.get('compile_s')} s ({row['wall_s']} s)", flush=True)
+  if row["status"] != "ok":
+    print(row.get("stderr_tail", "")[-1500:], flush=True)
+  return row
+
+
+def img_per_s(row: dict[str, Any]) -> float:
+  return float((row.get("results") or [{}])[0].get("img_per_s") or 0.0)
+
+
+# ----------------------------------------------------------------------------- profile
+
+def kernel_kind(name: str) -> str:
+  n = name.lower()
+  if any(s in n for s in ("fmha", "flash", "cudnn", "attention", "sdpa")):
+    return "attention (cuDNN)"
+  if any(s in n for s in ("gemm", "cutlass", "xmma", "cublas", "nvjet", "matmul", "sm90_", "triton_gemm", "dot")):
+    return "gemm"
+  if "conv" in n:
+    return "conv"
+  if any(s in n for s in ("memcpy", "memset", "copy")):
+    return "copy/memset"
+  if "reduce" in n or "reduction" in n:
+    return "reduction fusion"
+  if "fusion" in n or "loop" in n or "input" in n:
+    return "elementwise fusion"
+  return "other"
+
+
+def summarize_trace(path: str, steps: int) -> dict[str, Any]:
+  """Per-kernel and per-kind GPU time per step from a perfetto/chrome trace (json.gz)."""
+  with gzip.open(path, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu_pids = {pid for pid, n in pnames.items() if "gpu" in n.lower() or "device" in n.lower()}
+  tnames = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+  # A GPU's trace has one line per CUDA stream (the kernels) plus summary lines ("XLA Ops",
+  # "XLA Modules") that cover the same time again: kernels come from the stream lines only.
+  streams = {key for key, n in tnames.items() if n.lower().startswith("stream")}
+  op_lines = {key for key, n in tnames.items() if "xla ops" in n.lower()}
+  by_name: dict[str, float] = defaultdict(float)
+  by_op: dict[str, float] = defaultdict(float)
+  count: dict[str, int] = defaultdict(int)
+  first, last = float("inf"), 0.0
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    key, dur, name = (e.get("pid"), e.get("tid")), float(e.get("dur", 0.0)), str(e.get("name", ""))
+    if key in op_lines:
+      by_op[name[:120]] += dur
+      continue
+    if streams and key not in streams:
+      continue
+    by_name[name] += dur
+    count[name] += 1
+    first, last = min(first, float(e["ts"])), max(last, float(e["ts"]) + dur)
+  by_kind: dict[str, float] = defaultdict(float)
+  for name, us in by_name.items():
+    by_kind[kernel_kind(name)] += us
+  per_step = lambda d: {k: round(v / steps / 1e3, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+  busy = sum(by_name.values())
+  return {"process_names": sorted(set(pnames.values())), "gpu_threads": sorted(set(tnames.values())),
+          "steps": steps,
+          "gpu_busy_ms_per_step": round(busy / steps / 1e3, 3),
+          "span_ms_per_step": round((last - first) / steps / 1e3, 3) if busy else None,
+          "by_kind_ms_per_step": per_step(by_kind),
+          "top_kernels_ms_per_step": dict(list(per_step(by_name).items())[:60]),
+          "kernel_launches_per_step": round(sum(count.values()) / steps, 1),
+          "top_hlo_ops_ms_per_step": dict(list(per_step(by_op).items())[:60])}
+
+
+def profile_main(out: str) -> None:
+  """Child process: build the step like lvm-bench, trace 5 steps, summarise, dump the optimised HLO."""
+  import jax
+
+  from lvm_jax import sharding
+  from lvm_jax.bench import jax_workloads as J
+
+  spec = J.Spec(model="vit", variant="B/16", batch=256, res=224, mode="train", dtype="bfloat16",
+                attention="cudnn")
+  if os.environ.get("LVM_AB_SMOKE"):
+    spec = J.Spec(model="vit", variant="Ti/16", batch=8, res=64, mode="train", dtype="float32")
+  workload = J.build(spec, sharding.make_mesh(spec.mesh_dict))
+  for _ in range(3):
+    workload.run()
+  logdir = tempfile.mkdtemp()
+  steps = 5
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for _ in range(steps):
+      workload.run()
+  traces = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not traces:
+    print("[profile] no perfetto trace written; files:", glob.glob(os.path.join(logdir, "**"), recursive=True))
+    return
+  shutil.copy(traces[0], os.path.join(out, "perfetto_trace.json.gz"))
+  summary = summarize_trace(traces[0], steps)
+  with open(os.path.join(out, "profile_summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print("[profile] busy ms/step", summary["gpu_busy_ms_per_step"], "span", summary["span_ms_per_step"],
+        "launches/step", summary["kernel_launches_per_step"])
+  for kind, ms in summary["by_kind_ms_per_step"].items():
+    print(f"[profile]   {kind:22s} {ms:8.2f} ms/step")
+  for name, ms in list(summary["top_kernels_ms_per_step"].items())[:25]:
+    print(f"[profile]   {ms:8.2f}  {name[:110]}")
+
+
+def dump_hlo(out: str) -> None:
+  # The train step's module (the init function's module is bigger: take the step by name).
+  dumps = glob.glob("/tmp/lvm_xla_dump/*train_step*after_optimizations.txt") or \
+      glob.glob("/tmp/lvm_xla_dump/*after_optimizations.txt")
+  if dumps:
+    biggest = max(dumps, key=os.path.getsize)
+    with open(biggest, "rb") as src, gzip.open(os.path.join(out, "hlo_after_optimizations.txt.gz"), "wb") as dst:
+      shutil.copyfileobj(src, dst)
+    print("[profile] HLO:", os.path.basename(biggest), os.path.getsize(biggest), "bytes")
+
+
+# ----------------------------------------------------------------------------- driver
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--budget-s", type=float, default=400.0)
+  p.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--stages", default="ab,profile,suite",
+                 help="comma list of: ab (one switch at a time + timm), profile, suite (other models), "
+                      "ln (LayerNorm switch on top of --switches)")
+  p.add_argument("--switches", default="", help="K=V,... switches for profile/suite/ln when 'ab' does not run")
+  p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script (ViT-Ti/16, 64 px, b8)")
+  args = p.parse_args()
+  if args.smoke:
+    BASE_ARGS[BASE_ARGS.index("B/16")] = "Ti/16"
+    for flag, value in (("--batch", "8"), ("--res", "64"), ("--steps", "2"), ("--warmup", "1"),
+                        ("--attention", "xla"), ("--dtype", "float32")):
+      BASE_ARGS[BASE_ARGS.index(flag) + 1] = value
+    os.environ["LVM_AB_SMOKE"] = "1"
+  os.makedirs(args.out, exist_ok=True)
+  if args.profile_child:
+    profile_main(args.out)
+    return 0
+  deadline = time.monotonic() + args.budget_s
+  left = lambda: deadline - time.monotonic()  # noqa: E731
+  stages = args.stages.split(",")
+  rows: list[dict[str, Any]] = []
+  save = lambda: json.dump({"rows": rows}, open(os.path.join(args.out, "ab.json"), "w"), indent=1)  # noqa: E731
+  best_env = dict(kv.split("=", 1) for kv in args.switches.split(",") if kv)
+  base, timm, winners = {}, None, {}
+  if "ab" in stages:
+    base = bench("baseline (+ timm compile)", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"},
+                 ["--compare", "torch", "--torch-compile", "off" if args.smoke else "on"], min(150, left()), rows)
+    save()
+    timm = next((r["img_per_s"] for r in base.get("results", [])[1:]), None)
+    for name, change in SINGLE:
+      if left() < 60:
+        break
+      row = bench(name, change, [], min(90, left()), rows)
+      save()
+      if img_per_s(row) > WIN_MARGIN * img_per_s(base):
+        winners.update(change)
+    if winners and left() > 60:
+      bench("combined winners", winners, [], min(90, left()), rows)
+      best_env = winners
+      save()
+    if left() > 50:  # noise: the same configuration again
+      bench("baseline again", {}, [], min(90, left()), rows)
+      save()
+  if "profile" in stages and left() > 60:
+    env = dict(os.environ, **DEFAULTS)
+    env.update(best_env)
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_dump_to=/tmp/lvm_xla_dump --xla_dump_hlo_as_text".strip()
+    start = time.monotonic()
+    try:
+      proc = subprocess.run([sys.executable, __file__, "--out", args.out, "--profile-child"], env=env,
+                            timeout=min(120, left()), capture_output=True, text=True)
+      print(proc.stdout[-6000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
+    except subprocess.TimeoutExpired:
+      print("[profile] timed out", flush=True)
+    print(f"[profile] {time.monotonic() - start:.0f} s", flush=True)
+    dump_hlo(args.out)
+  suite = (["--model", "vit", "--variant", "L/16", "--batch", "128", "--scan-layers", "--compare", "torch",
+            "--torch-compile", "on"],
+           ["--model", "dinov2", "--variant", "S/14", "--batch", "64", "--scan-layers", "--compare", "torch",
+            "--torch-compile", "off"],
+           ["--model", "dinov2", "--variant", "L/14", "--batch", "16", "--scan-layers", "--compare", "torch",
+            "--torch-compile", "off"])
+  if "suite" in stages and not args.smoke:
+    for model_args in suite:
+      if left() < 70:
+        break
+      bench("switches: " + " ".join(model_args[1:4:2]), dict(best_env, XLA_PYTHON_CLIENT_MEM_FRACTION="0.45"),
+            model_args, min(130, left()), rows, kind="suite")
+      save()
+  if "ln" in stages:  # the LayerNorm switch on top of the others, against them alone, same run
+    for name, env in (("switches", best_env), ("switches + layernorm=autodiff",
+                                                dict(best_env, LVM_JAX_LAYERNORM="autodiff"))):
+      if left() < 50:
+        break
+      bench(name, env, [], min(80, left()), rows)
+      save()
+
+  print("\n| variant | status | img/s | step ms | MFU | vs baseline | vs torch (same run) | compile s |")
+  print("|---|---|---|---|---|---|---|---|")
+  for row in rows:
+    r = (row.get("results") or [{}])[0]
+    ips = r.get("img_per_s")
+    same_model = row["kind"] == "ab" and bool(base)
+    vs_base = f"{ips / img_per_s(base):.3f}x" if ips and img_per_s(base) and same_model else ""
+    vs_timm = f"{ips / timm:.3f}x" if ips and timm and same_model else ""
+    if row.get("ratios"):
+      vs_timm = "; ".join(f"{x['ratio']}x {x['baseline']}" for x in row["ratios"])
+    print(f"| {row['name']} | {row['status']} | {ips} | {r.get('step_ms')} | {r.get('mfu')} | {vs_base} | "
+          f"{vs_timm} | {r.get('compile_s')} |")
+  if timm:
+    print(f"timm torch.compile (same run, baseline process): {timm} img/s")
+  print("winning switches:", winners or "none")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,82 @@
+"""The implementation switches of lvm_jax/models/perf.py change speed only: same params, same outputs,
+same gradients as the default implementations (which tests/test_vit.py checks against NumPy and timm)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvm_jax.models import perf
+from lvm_jax.models.vit import ViT
+
+COMBOS = list(itertools.product(*(choices for choices, _ in perf.SWITCHES.values())))
+
+
+def _set(monkeypatch, values):
+  for name, value in zip(perf.SWITCHES, values):
+    monkeypatch.setenv(name, value)
+
+
+def _outputs_and_grads(monkeypatch, values):
+  _set(monkeypatch, values)
+  model = ViT(variant=None, width=48, depth=2, num_heads=3, mlp_dim=96, patch_size=4, image_size=16,
+              num_classes=5, head_zero_init=False)
+  images = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 3))
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+
+  def loss(p):
+    out = model.apply({"params": p}, images)
+    return jnp.sum(jnp.sin(3.0 * out["logits"])) + jnp.sum(out["patch_tokens"] ** 2) * 1e-2, out["logits"]
+
+  (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  return params, logits, grads
+
+
+def test_every_switch_combination_gives_the_same_params_outputs_and_gradients(monkeypatch):
+  ref_params, ref_logits, ref_grads = _outputs_and_grads(monkeypatch, COMBOS[0])
+  for combo in COMBOS[1:]:
+    params, logits, grads = _outputs_and_grads(monkeypatch, combo)
+    assert jax.tree.structure(params) == jax.tree.structure(ref_params), combo
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=str(combo))
+    for path_a, b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+      path, a = path_a
+      scale = float(jnp.max(jnp.abs(b))) + 1e-6
+      assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * scale + 1e-6, (combo, jax.tree_util.keystr(path))
+
+
+def test_fused_qkv_keeps_query_key_value_in_their_own_places(monkeypatch):
+  """Swapping two of the projections' kernels must change the fused output exactly as it changes the
+  separate one (a fused path that mixed up q/k/v would still pass a test with identical kernels)."""
+  model = ViT(variant=None, width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4, image_size=8,
+              num_classes=3, head_zero_init=False)
+  images = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 3))
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  attn = params["encoder"]["blocks_0"]["attn"]
+  swapped = jax.tree.map(lambda x: x, params)
+  swapped["encoder"]["blocks_0"]["attn"] = dict(attn, query=attn["key"], key=attn["query"])
+  outs = {}
+  for mode in ("separate", "fused"):
+    monkeypatch.setenv("LVM_JAX_QKV", mode)
+    outs[mode] = [model.apply({"params": p}, images)["logits"] for p in (params, swapped)]
+  np.testing.assert_allclose(outs["fused"][0], outs["separate"][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(outs["fused"][1], outs["separate"][1], rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(outs["fused"][0] - outs["fused"][1]))) > 1e-4
+
+
+def test_cpu_defaults_and_recorded_values(monkeypatch):
+  for name in perf.SWITCHES:
+    monkeypatch.delenv(name, raising=False)
+  assert jax.default_backend() == "cpu"
+  assert perf.current() == {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate",
+                            "LVM_JAX_PATCH_EMBED": "conv"}
+  monkeypatch.setenv("LVM_JAX_QKV", "fused")
+  assert perf.current()["LVM_JAX_QKV"] == "fused"
+
+
+def test_a_bad_switch_value_is_one_clear_error(monkeypatch):
+  monkeypatch.setenv("LVM_JAX_PATCH_EMBED", "fft")
+  with pytest.raises(ValueError, match=r"LVM_JAX_PATCH_EMBED='fft' is not a valid choice.*'conv', 'matmul'"):
+    perf.choice("LVM_JAX_PATCH_EMBED")
