@@ -32,9 +32,12 @@ from typing import Any
 
 BASE_ARGS = ["--model", "vit", "--variant", "B/16", "--batch", "256", "--res", "224", "--mode", "train",
              "--dtype", "bfloat16", "--attention", "cudnn", "--steps", "15", "--warmup", "3"]
-DEFAULTS = {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate", "LVM_JAX_PATCH_EMBED": "conv"}
+# The A/B baseline: every switch at its first choice (lvm_jax/models/perf.py), whatever the backend default.
+DEFAULTS = {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate", "LVM_JAX_PATCH_EMBED": "conv",
+            "LVM_JAX_SEQ_PAD": "per_call"}
 # (name, env changes) tried one at a time against the defaults.
 SINGLE = [
+    ("seq_pad=once", {"LVM_JAX_SEQ_PAD": "once"}),
     ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"}),
     ("qkv=fused", {"LVM_JAX_QKV": "fused"}),
     ("patch_embed=matmul", {"LVM_JAX_PATCH_EMBED": "matmul"}),

@@ -71,7 +71,7 @@ def test_cpu_defaults_and_recorded_values(monkeypatch):
     monkeypatch.delenv(name, raising=False)
   assert jax.default_backend() == "cpu"
   assert perf.current() == {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate",
-                            "LVM_JAX_PATCH_EMBED": "conv"}
+                            "LVM_JAX_PATCH_EMBED": "conv", "LVM_JAX_SEQ_PAD": "per_call"}
   monkeypatch.setenv("LVM_JAX_QKV", "fused")
   assert perf.current()["LVM_JAX_QKV"] == "fused"
 
@@ -80,3 +80,48 @@ def test_a_bad_switch_value_is_one_clear_error(monkeypatch):
   monkeypatch.setenv("LVM_JAX_PATCH_EMBED", "fft")
   with pytest.raises(ValueError, match=r"LVM_JAX_PATCH_EMBED='fft' is not a valid choice.*'conv', 'matmul'"):
     perf.choice("LVM_JAX_PATCH_EMBED")
+
+
+@pytest.mark.parametrize("scan, causal", [(False, False), (True, False), (False, True)])
+def test_padding_the_sequence_once_changes_nothing(monkeypatch, scan, causal):
+  """LVM_JAX_SEQ_PAD=once (an odd token sequence padded once per encoder for cuDNN; the padded token is
+  never a key and is dropped) gives the outputs, intermediate layers and gradients of the unpadded
+  encoder. On CPU cuDNN is absent, so the XLA path is made to take the padded route too."""
+  from lvm_jax.models import layers
+
+  monkeypatch.setattr(layers, "_needs_even_lengths", lambda impl, dtype: True)
+  encoder = layers.Encoder(depth=2, num_heads=2, mlp_dim=32, scan_layers=scan, remat="full" if scan else "none")
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 7, 16))
+  params = encoder.init(jax.random.PRNGKey(0), x, causal=causal)["params"]
+
+  def run(p, inputs):
+    y, outs = encoder.apply({"params": p}, inputs, causal=causal, return_layers=(0,))
+    return jnp.sum(jnp.sin(2.0 * y)) + jnp.sum(outs[0] ** 2), (y, outs[0])
+
+  results = {}
+  for mode in ("per_call", "once"):
+    monkeypatch.setenv("LVM_JAX_SEQ_PAD", mode)
+    (_, (y, first)), grads = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(params, x)
+    assert y.shape == x.shape and first.shape == x.shape
+    results[mode] = (y, first, grads)
+  # The unpadded path runs the custom-VJP attention, the padded one jax.nn's masked one: float32
+  # rounding differs. Compare against the whole tree's scale: the key-bias gradient is exactly 0
+  # in exact arithmetic (softmax ignores a per-query constant), so it holds rounding noise only.
+  leaves_once, leaves_ref = jax.tree.leaves(results["once"]), jax.tree.leaves(results["per_call"])
+  scale = max(float(jnp.max(jnp.abs(b))) for b in leaves_ref)
+  for a, b in zip(leaves_once, leaves_ref):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale
+
+
+def test_padded_keys_are_never_attended_to():
+  """kv_lengths hides the keys past it: garbage written there leaves the output unchanged."""
+  from lvm_jax.models.layers import dot_product_attention
+
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 2, 8)) for i in range(3))
+  lengths = jnp.array([4, 6])
+  out = dot_product_attention(q, k, v, kv_lengths=lengths)
+  k2 = k.at[0, 4:].set(1e3)
+  v2 = v.at[0, 4:].set(-1e3)
+  np.testing.assert_allclose(dot_product_attention(q, k2, v2, kv_lengths=lengths), out, rtol=1e-6, atol=1e-6)
+  ref = dot_product_attention(q[:1], k[:1, :4], v[:1, :4])
+  np.testing.assert_allclose(out[:1], ref, rtol=1e-5, atol=1e-6)

@@ -142,14 +142,25 @@ def _resolve_impl(impl: str, dtype: Dtype) -> str:
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
-                          causal: bool = False, impl: str = "xla") -> Array:
+                          causal: bool = False, impl: str = "xla", kv_lengths: Array | None = None) -> Array:
   """Scaled dot-product attention on `[B, T, N, H]` q and `[B, S, N, H]` k/v.
 
   mask: bool, broadcastable to `[B, N, T, S]`, True = may attend.
   impl: 'xla' | 'cudnn' | 'auto' | 'splash' (Pallas TPU kernel; CPU runs it in
   interpret mode).
+  kv_lengths: int `[B]`, only the first kv_lengths[b] keys of example b are
+  attended to (the rest is padding; cuDNN takes it as sequence lengths).
   """
   impl = _resolve_impl(impl, q.dtype)
+  if kv_lengths is not None:
+    if impl == "cudnn" and mask is None and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0:
+      # Every query row is valid (padded rows see the real keys; the caller drops them).
+      return jax.nn.dot_product_attention(
+          q, k, v, is_causal=causal, implementation="cudnn",
+          query_seq_lengths=jnp.full((q.shape[0],), q.shape[1], jnp.int32),
+          key_value_seq_lengths=kv_lengths.astype(jnp.int32))
+    key_ok = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, None, None, :]
+    mask = key_ok if mask is None else (jnp.asarray(mask, bool) & key_ok)
   if impl == "splash":
     return splash_attention(q, k, v, mask=mask, causal=causal)
   if mask is not None:
@@ -347,11 +358,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, mask: Array | None = None,
-               causal: bool = False) -> Array:
+               causal: bool = False, kv_lengths: Array | None = None) -> Array:
     """inputs_q `[B, T, D]`, inputs_kv `[B, S, D]` (default: self-attention) -> `[B, T, D_out]`.
 
     mask: bool broadcastable to `[B, heads, T, S]` (True = attend); causal adds
-    a lower-triangular mask (CLIP text tower).
+    a lower-triangular mask (CLIP text tower); kv_lengths int `[B]`: keys past
+    it are padding.
     """
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     width = inputs_q.shape[-1]
@@ -370,7 +382,8 @@ class Attention(nn.Module):
       v = proj("value")(inputs_kv)
     names = ("batch", "length", "act_heads", "act_kv")
     q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
-    x = dot_product_attention(q, k, v, mask=mask, causal=causal, impl=self.attention_impl)
+    x = dot_product_attention(q, k, v, mask=mask, causal=causal, impl=self.attention_impl,
+                              kv_lengths=kv_lengths)
     x = constrain(x, names)
     out = MultiDense((self.out_features or width,), 2, ("heads", "kv", "embed"), use_bias=self.out_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
@@ -506,8 +519,8 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, attn_mask: Array | None = None,
-               drop_path_rate: float | Array = 0.0) -> Array:
-    """`[B, L, D]` -> `[B, L, D]`."""
+               drop_path_rate: float | Array = 0.0, kv_lengths: Array | None = None) -> Array:
+    """`[B, L, D]` -> `[B, L, D]`; kv_lengths int `[B]`: tokens past it are padding (never attended to)."""
     x = constrain(x, ("batch", "length", "act_embed"))
     norm = lambda name: layer_norm(self.norm_eps, self.dtype, self.param_dtype, name)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not self.train)
@@ -521,7 +534,7 @@ class EncoderBlock(nn.Module):
 
     y = Attention(self.num_heads, qkv_bias=self.qkv_bias, attention_impl=self.attention_impl,
                   dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-                      norm("norm1")(x), mask=attn_mask, causal=self.causal)
+                      norm("norm1")(x), mask=attn_mask, causal=self.causal, kv_lengths=kv_lengths)
     x = x + residual(drop(y), "ls1")
     if self.ffn == "mlp":
       ffn = Mlp(self.mlp_dim, self.act, self.dropout_rate, dtype=self.dtype,
@@ -596,24 +609,39 @@ class Encoder(nn.Module):
                     use_drop_path=self.drop_path_rate > 0, attention_impl=self.attention_impl,
                     causal=causal, train=train, dtype=self.dtype, param_dtype=self.param_dtype)
 
+    length = x.shape[1]
+    kv_lengths = None
+    if (length % 2 and attn_mask is None and _needs_even_lengths(self.attention_impl, self.dtype)
+        and perf.choice("LVM_JAX_SEQ_PAD") == "once"):
+      # cuDNN attention trains only at even lengths: pad the token sequence once here rather
+      # than q/k/v and the output in every block. The padded token is never a key (kv_lengths)
+      # and is dropped below, so outputs and gradients are unchanged.
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+      kv_lengths = jnp.full((x.shape[0],), length, jnp.int32)
+
     if not self.scan_layers:
       outs = []
       for i in range(self.depth):
-        x = block_cls(**block_kw, name=f"blocks_{i}")(x, attn_mask, float(rates[i]))
+        x = block_cls(**block_kw, name=f"blocks_{i}")(x, attn_mask, float(rates[i]), kv_lengths)
         outs.append(x)
-      return x, [outs[i] for i in wanted]
+      return x[:, :length], [outs[i][:, :length] for i in wanted]
 
     collect = bool(wanted)
 
-    def body(block, carry, rate, mask):
-      y = block(carry, mask, rate)
+    def body(block, carry, rate, mask, lengths):
+      y = block(carry, mask, rate, lengths)
       return y, (y if collect else None)
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(0, nn.broadcast), length=self.depth,
+                   in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
                    metadata_params={nn.PARTITION_NAME: "layers"})
-    x, stacked = scan(block_cls(**block_kw, name="blocks"), x, jnp.asarray(rates), attn_mask)
-    return x, [stacked[i] for i in wanted]
+    x, stacked = scan(block_cls(**block_kw, name="blocks"), x, jnp.asarray(rates), attn_mask, kv_lengths)
+    return x[:, :length], [stacked[i][:, :length] for i in wanted]
+
+
+def _needs_even_lengths(impl: str, dtype: Dtype) -> bool:
+  """Whether `impl` (resolved for `dtype`) is cuDNN's flash attention, which trains only at even lengths."""
+  return _resolve_impl(impl, dtype) == "cudnn"
 
 
 class MAPHead(nn.Module):

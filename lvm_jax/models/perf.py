@@ -8,6 +8,7 @@ overrides it for A/B benchmarks (`scripts/gpu_ab.py`, `lvm-bench`):
   LVM_JAX_LAYERNORM    'custom_vjp' | 'autodiff'   LayerNorm backward written out, or jax.grad's
   LVM_JAX_QKV          'separate' | 'fused'        self-attention q/k/v as three matmuls or one
   LVM_JAX_PATCH_EMBED  'conv' | 'matmul'           patchify as a strided conv or reshape + matmul
+  LVM_JAX_SEQ_PAD      'per_call' | 'once'         cuDNN's even-length padding per attention or per encoder
 
 The choice is read when a model is traced (jit), so set the variable before
 the first call. Params and outputs are the same for every choice (tested in
@@ -27,6 +28,9 @@ SWITCHES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "LVM_JAX_LAYERNORM": (("custom_vjp", "autodiff"), {}),
     "LVM_JAX_QKV": (("separate", "fused"), {"gpu": "fused"}),
     "LVM_JAX_PATCH_EMBED": (("conv", "matmul"), {"gpu": "matmul"}),
+    # cuDNN attention at odd lengths: pad q/k/v + slice the output in every block, or pad the
+    # token sequence once per encoder (not yet measured on a GPU: the first choice stays default).
+    "LVM_JAX_SEQ_PAD": (("per_call", "once"), {}),
 }
 
 
