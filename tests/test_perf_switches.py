@@ -1,7 +1,5 @@
 """The implementation switches of lvm_jax/models/perf.py change speed only: same params, same outputs,
 same gradients as the default implementations (which tests/test_vit.py checks against NumPy and timm)."""
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +8,10 @@ import pytest
 from lvm_jax.models import perf
 from lvm_jax.models.vit import ViT
 
-COMBOS = list(itertools.product(*(choices for choices, _ in perf.SWITCHES.values())))
+FIRST = tuple(choices[0] for choices, _ in perf.SWITCHES.values())
+# The first choices, each other choice on its own, and all last choices together.
+COMBOS = [FIRST] + [FIRST[:i] + (alt,) + FIRST[i + 1:] for i, (choices, _) in enumerate(perf.SWITCHES.values())
+                    for alt in choices[1:]] + [tuple(choices[-1] for choices, _ in perf.SWITCHES.values())]
 
 
 def _set(monkeypatch, values):
@@ -125,3 +126,31 @@ def test_padded_keys_are_never_attended_to():
   np.testing.assert_allclose(dot_product_attention(q, k2, v2, kv_lengths=lengths), out, rtol=1e-6, atol=1e-6)
   ref = dot_product_attention(q[:1], k[:1, :4], v[:1, :4])
   np.testing.assert_allclose(out[:1], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [48, 130])
+def test_pallas_layer_norm_matches_numpy_and_autodiff(width):
+  """The Pallas kernels (interpret mode off GPU) against NumPy's two-pass LayerNorm and jax.grad of the
+  plain formula, at a width that is not a power of two (the row is padded and masked in the kernel)."""
+  from lvm_jax.models.pallas_layer_norm import pallas_layer_norm
+
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((2, 3, width)) * 3 + 1).astype(np.float32)
+  scale, bias = rng.standard_normal(width).astype(np.float32), rng.standard_normal(width).astype(np.float32)
+  mean = x.mean(-1, keepdims=True)
+  ref = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-6) * scale + bias
+  np.testing.assert_allclose(pallas_layer_norm(jnp.asarray(x), scale, bias, 1e-6), ref, rtol=1e-5, atol=1e-5)
+
+  def plain(x, s, b, eps):
+    m = jnp.mean(x, -1, keepdims=True)
+    return (x - m) / jnp.sqrt(jnp.mean((x - m) ** 2, -1, keepdims=True) + eps) * s + b
+
+  weights = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+  loss = lambda fn: lambda *a: jnp.sum(jnp.tanh(fn(*a, 1e-6)) * weights)  # noqa: E731
+  got = jax.grad(loss(pallas_layer_norm), argnums=(0, 1, 2))(jnp.asarray(x), scale, bias)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2))(jnp.asarray(x), scale, bias)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  y16 = pallas_layer_norm(jnp.asarray(x, jnp.bfloat16), scale, bias, 1e-6)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), ref, rtol=2e-2, atol=5e-2)

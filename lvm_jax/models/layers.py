@@ -90,9 +90,14 @@ class LayerNorm(nn.Module):
     width = x.shape[-1]
     scale = self.param("scale", logical(ones_init, ("embed",)), (width,), self.param_dtype)
     bias = self.param("bias", logical(zeros_init, ("embed",)), (width,), self.param_dtype)
-    if perf.choice("LVM_JAX_LAYERNORM") == "autodiff":
+    impl = perf.choice("LVM_JAX_LAYERNORM")
+    if impl == "autodiff":
       xhat, _, _ = _ln_stats(x, self.epsilon)
       return (xhat * scale.astype(xhat.dtype) + bias.astype(xhat.dtype)).astype(self.dtype)
+    if impl == "pallas":
+      from lvm_jax.models.pallas_layer_norm import pallas_layer_norm  # Pallas only needed here
+
+      return pallas_layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
     return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 

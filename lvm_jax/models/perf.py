@@ -5,7 +5,8 @@ the model; the best choice depends on the backend (XLA:CPU and XLA:GPU fuse
 differently), so the default is per backend and an environment variable
 overrides it for A/B benchmarks (`scripts/gpu_ab.py`, `lvm-bench`):
 
-  LVM_JAX_LAYERNORM    'custom_vjp' | 'autodiff'   LayerNorm backward written out, or jax.grad's
+  LVM_JAX_LAYERNORM    'custom_vjp' | 'autodiff' | 'pallas'   LayerNorm backward written out, jax.grad's,
+                                                   or Pallas GPU kernels (one pass each way)
   LVM_JAX_QKV          'separate' | 'fused'        self-attention q/k/v as three matmuls or one
   LVM_JAX_PATCH_EMBED  'conv' | 'matmul'           patchify as a strided conv or reshape + matmul
   LVM_JAX_SEQ_PAD      'per_call' | 'once'         cuDNN's even-length padding per attention or per encoder
@@ -25,7 +26,8 @@ import jax
 # matmul patchify 1.016x, autodiff LayerNorm 1.008x vs the first choices (run-to-run spread 0.2%).
 # On CPU the written-out LayerNorm backward is faster (docstring of layers.LayerNorm).
 SWITCHES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
-    "LVM_JAX_LAYERNORM": (("custom_vjp", "autodiff"), {}),
+    # 'pallas': lvm_jax/models/pallas_layer_norm.py, one device only; not yet measured on a GPU.
+    "LVM_JAX_LAYERNORM": (("custom_vjp", "autodiff", "pallas"), {}),
     "LVM_JAX_QKV": (("separate", "fused"), {"gpu": "fused"}),
     "LVM_JAX_PATCH_EMBED": (("conv", "matmul"), {"gpu": "matmul"}),
     # cuDNN attention at odd lengths: pad q/k/v + slice the output in every block, or pad the
