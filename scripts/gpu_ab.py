@@ -75,13 +75,72 @@ def bench(name: str, env_changes: dict[str, str], extra: list[str], timeout: flo
     row["switches"] = payload.get("env", {}).get("impl_switches")
   if os.path.exists(path):
     os.unlink(path)
+  return _record(row, rows)
+
+
+def _record(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
   rows.append(row)
   jax_row = (row.get("results") or [{}])[0]
-  print(f"[ab] {name:28s} {row['status']:10s} {jax_row.get('img_per_s', float('nan')):8.1f} img/s "
+  print(f"[ab] {row['name']:28s} {row['status']:10s} {jax_row.get('img_per_s', float('nan')):8.1f} img/s "
         f"mfu {jax_row.get('mfu')} compile {jax_row.get('compile_s')} s ({row['wall_s']} s)", flush=True)
   if row["status"] != "ok":
-    print(row.get("stderr_tail", "")[-1500:], flush=True)
+    print(row.get("stderr_tail", row.get("error", ""))[-1500:], flush=True)
   return row
+
+
+def bench_in_one_process(variants: list[tuple[str, dict[str, str]]], timeout: float,
+                         rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Several switch-only variants (no XLA_FLAGS) timed one after another in ONE child process.
+
+  The switches are read when a model is traced, so one process can build each variant in turn:
+  this saves the ~25 s of process start, imports and GPU set-up per variant. A variant that
+  fails is recorded and the next one runs; a timeout keeps the rows finished before it.
+  """
+  with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    json.dump(variants, f)
+    spec_path = f.name
+  out_path = spec_path + ".out"
+  start = time.monotonic()
+  status = "ok"
+  try:
+    proc = subprocess.run([sys.executable, __file__, "--out", "/tmp", "--variants-child", spec_path,
+                           "--child-out", out_path], env=dict(os.environ), timeout=max(timeout, 5),
+                          capture_output=True, text=True)
+    if proc.returncode:
+      status = f"child exit {proc.returncode}: {proc.stderr[-1500:]}"
+  except subprocess.TimeoutExpired:
+    status = "child timed out"
+  done = json.load(open(out_path)) if os.path.exists(out_path) else []
+  for path in (spec_path, out_path):
+    if os.path.exists(path):
+      os.unlink(path)
+  if status != "ok":
+    print(f"[ab] in-process variants: {status} after {time.monotonic() - start:.0f} s", flush=True)
+  return [_record(row, rows) for row in done]
+
+
+def variants_child(spec_path: str, out_path: str) -> None:
+  """Child process of bench_in_one_process: build, compile and time each variant like lvm-bench."""
+  from lvm_jax.bench import cli
+
+  done: list[dict[str, Any]] = []
+  for name, env_changes in json.load(open(spec_path)):
+    env = dict(DEFAULTS, **env_changes)
+    os.environ.update(env)
+    row: dict[str, Any] = {"name": name, "kind": "ab", "env": env, "args": " ".join(BASE_ARGS) + " (in process)"}
+    start = time.monotonic()
+    try:
+      args = cli.build_parser().parse_args(BASE_ARGS)
+      cli.validate(args)
+      payload = cli.run(args)
+      row.update(status="ok", results=payload["results"], ratios=payload["ratios"],
+                 switches=payload.get("env", {}).get("impl_switches"))
+    except Exception as e:  # noqa: BLE001 - record and go on with the next variant
+      row.update(status="failed", error=f"{type(e).__name__}: {str(e)[:1500]}")
+    row["wall_s"] = round(time.monotonic() - start, 1)
+    done.append(row)
+    with open(out_path, "w") as f:
+      json.dump(done, f)
 
 
 def img_per_s(row: dict[str, Any]) -> float:
@@ -209,9 +268,12 @@ def main() -> int:
                  help="comma list of: ab (one switch at a time + timm), profile, suite (other models), "
                       "ln (LayerNorm switch on top of --switches)")
   p.add_argument("--switches", default="", help="K=V,... switches for profile/suite/ln when 'ab' does not run")
+  p.add_argument("--variants-child", help=argparse.SUPPRESS)
+  p.add_argument("--child-out", help=argparse.SUPPRESS)
   p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script (ViT-Ti/16, 64 px, b8)")
   args = p.parse_args()
-  if args.smoke:
+  if args.smoke or os.environ.get("LVM_AB_SMOKE"):  # children inherit the variable
+    args.smoke = True
     BASE_ARGS[BASE_ARGS.index("B/16")] = "Ti/16"
     for flag, value in (("--batch", "8"), ("--res", "64"), ("--steps", "2"), ("--warmup", "1"),
                         ("--attention", "xla"), ("--dtype", "float32")):
@@ -221,32 +283,33 @@ def main() -> int:
   if args.profile_child:
     profile_main(args.out)
     return 0
+  if args.variants_child:
+    variants_child(args.variants_child, args.child_out)
+    return 0
   deadline = time.monotonic() + args.budget_s
   left = lambda: deadline - time.monotonic()  # noqa: E731
   stages = args.stages.split(",")
   rows: list[dict[str, Any]] = []
   save = lambda: json.dump({"rows": rows}, open(os.path.join(args.out, "ab.json"), "w"), indent=1)  # noqa: E731
   best_env = dict(kv.split("=", 1) for kv in args.switches.split(",") if kv)
-  base, timm, winners = {}, None, {}
+  base, ref, timm, winners = {}, {}, None, {}
   if "ab" in stages:
     base = bench("baseline (+ timm compile)", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"},
                  ["--compare", "torch", "--torch-compile", "off" if args.smoke else "on"], min(150, left()), rows)
     save()
     timm = next((r["img_per_s"] for r in base.get("results", [])[1:]), None)
-    for name, change in SINGLE:
-      if left() < 60:
-        break
-      row = bench(name, change, [], min(90, left()), rows)
-      save()
-      if img_per_s(row) > WIN_MARGIN * img_per_s(base):
+    # The baseline again in the same process as the singles: their ratios use it (same process,
+    # same GPU state); the first process's baseline gives the timm ratio and the run-to-run spread.
+    singles = bench_in_one_process([("baseline (in process)", {})] + SINGLE, left() - 30, rows)
+    save()
+    ref = next((r for r in singles if r["name"].startswith("baseline") and img_per_s(r)), base)
+    for (name, change), row in zip(SINGLE, singles[1:]):
+      if img_per_s(row) > WIN_MARGIN * img_per_s(ref):
         winners.update(change)
-    if winners and left() > 60:
-      bench("combined winners", winners, [], min(90, left()), rows)
-      best_env = winners
+    if len(winners) > 1 and left() > 60:
+      bench_in_one_process([("combined winners", winners)], min(90, left()), rows)
       save()
-    if left() > 50:  # noise: the same configuration again
-      bench("baseline again", {}, [], min(90, left()), rows)
-      save()
+    best_env = winners or best_env
   if "profile" in stages and left() > 60:
     env = dict(os.environ, **DEFAULTS)
     env.update(best_env)
@@ -275,13 +338,11 @@ def main() -> int:
       bench("switches: " + " ".join(model_args[1:4:2]), dict(best_env, XLA_PYTHON_CLIENT_MEM_FRACTION="0.45"),
             model_args, min(130, left()), rows, kind="suite")
       save()
-  if "ln" in stages:  # the LayerNorm switch on top of the others, against them alone, same run
-    for name, env in (("switches", best_env), ("switches + layernorm=autodiff",
-                                                dict(best_env, LVM_JAX_LAYERNORM="autodiff"))):
-      if left() < 50:
-        break
-      bench(name, env, [], min(80, left()), rows)
-      save()
+  if "ln" in stages and left() > 50:  # the LayerNorm choices on top of the others, one process
+    bench_in_one_process([("switches (in process)", best_env)] + [
+        (f"switches + layernorm={ln}", dict(best_env, LVM_JAX_LAYERNORM=ln)) for ln in ("autodiff", "pallas")],
+        left(), rows)
+    save()
 
   print("\n| variant | status | img/s | step ms | MFU | vs baseline | vs torch (same run) | compile s |")
   print("|---|---|---|---|---|---|---|---|")
@@ -289,7 +350,8 @@ def main() -> int:
     r = (row.get("results") or [{}])[0]
     ips = r.get("img_per_s")
     same_model = row["kind"] == "ab" and bool(base)
-    vs_base = f"{ips / img_per_s(base):.3f}x" if ips and img_per_s(base) and same_model else ""
+    ref_row = ref if "(in process)" in row.get("args", "") else base
+    vs_base = f"{ips / img_per_s(ref_row):.3f}x" if ips and img_per_s(ref_row) and same_model else ""
     vs_timm = f"{ips / timm:.3f}x" if ips and timm and same_model else ""
     if row.get("ratios"):
       vs_timm = "; ".join(f"{x['ratio']}x {x['baseline']}" for x in row["ratios"])

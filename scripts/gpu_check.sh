@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Everything we check on one H100/H200, in one go (~8 minutes), results under $OUT:
-#   1. the GPU benchmark suite (scripts/gpu_suite.sh -> gpu_suite.json/.md/.log),
-#   2. cuDNN vs XLA attention numerics + speed on ViT-B/16 (gpu_attention.json/.log),
-#   3. a short `lvm-train` of the default config in bfloat16 on the GPU (train.log).
+# What we check on one H100/H200, in one go (~7 minutes with BUDGET_S=330), results under $OUT:
+#   1. scripts/gpu_ab.py: ViT-B/16 bf16 train with timm torch.compile alongside, the implementation
+#      switches A/B'd in one process, a kernel profile + the step's optimised HLO, then ViT-L/16,
+#      DINOv2 S/14 and L/14 next to PyTorch (ab.json, profile_summary.json, perfetto_trace.json.gz,
+#      hlo_after_optimizations.txt.gz, gpu_ab.log);
+#   2. with EXTRA=1: cuDNN vs XLA attention numerics (gpu_attention.json) and a short bf16 `lvm-train`.
+# The formal suite (`lvm-bench --suite gpu`, scripts/gpu_suite.sh) stays separately runnable.
 # Wheels in .whl/ (packages the machine lacks: grain, ml_collections, open_clip, ...) are installed
 # offline into /tmp/site first.
 set -uo pipefail
@@ -17,12 +20,17 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 
-BUDGET_S="${BUDGET_S:-300}" OUT="$OUT" PYTHON="$PY" NO_WHEELS=1 bash scripts/gpu_suite.sh
-echo "=== attention check"
-timeout 100 "$PY" scripts/gpu_attention_check.py --json "$OUT/gpu_attention.json" 2>&1 | tee "$OUT/gpu_attention.log"
-echo "=== lvm-train on the GPU"
-rm -rf /tmp/gpu_run
-timeout 90 "$PY" -m train --config configs/vit_synthetic.py --workdir /tmp/gpu_run --config.model.dtype=bfloat16 \
-  --config.data.worker_count=8 --config.total_steps=600 --config.eval_every=600 --config.ckpt_every=600 \
-  2>&1 | tail -40 | tee "$OUT/train.log"
+# 1. The switch A/B + profile + the other models' rows (scripts/gpu_ab.py; ~6 min at BUDGET_S=330).
+timeout $(( ${BUDGET_S:-330} + 60 )) "$PY" scripts/gpu_ab.py --out "$OUT" --budget-s "${BUDGET_S:-330}" 2>&1 \
+  | tee "$OUT/gpu_ab.log"
+# 2. Optional (EXTRA=1): cuDNN vs XLA attention numerics and a short GPU training run.
+if [[ -n "${EXTRA:-}" ]]; then
+  echo "=== attention check"
+  timeout 100 "$PY" scripts/gpu_attention_check.py --json "$OUT/gpu_attention.json" 2>&1 | tee "$OUT/gpu_attention.log"
+  echo "=== lvm-train on the GPU"
+  rm -rf /tmp/gpu_run
+  timeout 90 "$PY" -m train --config configs/vit_synthetic.py --workdir /tmp/gpu_run --config.model.dtype=bfloat16 \
+    --config.data.worker_count=8 --config.total_steps=600 --config.eval_every=600 --config.ckpt_every=600 \
+    2>&1 | tail -40 | tee "$OUT/train.log"
+fi
 echo "gpu_check done"

@@ -368,3 +368,31 @@ def test_bench_runs_without_grain_ml_collections_and_open_clip(tmp_path):
     assert payload["results"][0]["impl"].startswith("lvm_jax.bench"), payload["results"][0]["impl"]
     if model == "clip":
       assert "pip install open_clip_torch" in payload["torch_error"] and len(payload["results"]) == 1
+
+
+def test_gpu_ab_profile_summary_counts_stream_kernels_once(tmp_path):
+  """scripts/gpu_ab.py sums a GPU trace's kernels from the CUDA-stream lines only: the 'XLA Ops' line
+  covers the same time again and goes to the per-op table; host events are ignored."""
+  import gzip
+  import importlib.util
+  from pathlib import Path
+
+  spec = importlib.util.spec_from_file_location("gpu_ab", Path(__file__).parents[1] / "scripts" / "gpu_ab.py")
+  gpu_ab = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gpu_ab)
+  meta = lambda kind, pid, tid, name: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}  # noqa: E731
+  kernel = lambda tid, ts, dur, name, pid=1: {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}  # noqa: E731
+  events = [meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
+            meta("thread_name", 1, 7, "Stream #14(Compute)"), meta("thread_name", 1, 8, "XLA Ops"),
+            kernel(7, 0, 300, "nvjet_sm90_tst_128x160_NNT"), kernel(7, 300, 100, "cudnn_generated_fort_native_sdpa"),
+            kernel(7, 400, 50, "input_add_reduce_fusion_20"), kernel(7, 450, 50, "loop_multiply_fusion"),
+            kernel(8, 0, 500, "fusion.1"), kernel(0, 0, 9999, "host work", pid=2)]
+  path = tmp_path / "trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  summary = gpu_ab.summarize_trace(str(path), steps=2)
+  assert summary["gpu_busy_ms_per_step"] == 0.25  # 500 us of kernels over 2 steps
+  assert summary["by_kind_ms_per_step"] == {"gemm": 0.15, "attention (cuDNN)": 0.05, "reduction fusion": 0.025,
+                                            "elementwise fusion": 0.025}
+  assert summary["top_hlo_ops_ms_per_step"] == {"fusion.1": 0.25}
+  assert summary["kernel_launches_per_step"] == 2.0
