@@ -69,6 +69,7 @@ def get_config(arg=None):
         crops=ml_collections.ConfigDict(dict(
             global_size=32, local_size=16, num_local_crops=6, global_scale=(0.32, 1.0),
             local_scale=(0.05, 0.32), released_code_blur=False,
+            blur_p=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0),  # the paper's (global 1, global 2, local) and sigma
             # Stronger colour augmentation than the recipe's (0.4, 0.4, 0.2, 0.1) / 0.8 / 0.2: each
             # image's colours are random and shared by its views, the easiest thing to match.
             jitter=(0.4, 0.4, 0.6, 0.5), jitter_p=0.8, grayscale_p=0.4, solarize_p=0.2)),
@@ -76,7 +77,7 @@ def get_config(arg=None):
             num_train=20000, num_eval=1000, seed=0, image_size=32, num_classes=10,
             # Training records as V renderings of each shape in new scenes (crop k from view k mod V;
             # 0: one image per record). Evals always use one rendering per image.
-            views=0, view_nuisances=("color", "background", "position", "clutter", "noise"))),
+            views=0, view_nuisances=("color", "background", "position", "clutter", "noise"), view_redraw_p=1.0)),
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

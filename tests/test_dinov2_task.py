@@ -322,6 +322,8 @@ def test_published_configs_build_sharded_state(needs_8, path, backbone_params, f
     (["--config.data.synthetic.views=1"], "config.data.synthetic.views=1 must be 0"),
     (["--config.data.synthetic.views=3", "--config.data.synthetic.view_nuisances=('hue',)"],
      "unknown group(s) ['hue']"),
+    (["--config.data.synthetic.views=2", "--config.data.synthetic.view_redraw_p=1.5"],
+     "config.data.synthetic.view_redraw_p=1.5 is not a probability"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, overrides, message):
     rc = train_main(["--config", CONFIG, "--workdir", str(tmp_path / "w"), *overrides])

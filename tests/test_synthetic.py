@@ -249,3 +249,17 @@ def test_views_source_records_and_errors():
     S.SyntheticViews(base, 1)
   with pytest.raises(ValueError, match="unknown synthetic view nuisance"):
     S.SyntheticViews(base, 2, nuisances=("shape",))
+
+
+def test_views_redraw_each_group_with_probability_p():
+  idx = np.arange(2000)
+  base = S.sample_scenes(idx)
+  np.testing.assert_array_equal(S.sample_view_scenes(idx, 1, redraw_p=0.0)["cx"], base["cx"])
+  view = S.sample_view_scenes(idx, 1, redraw_p=0.3)
+  moved = view["cx"] != base["cx"]  # position group
+  textured = view["bg_phase"] != base["bg_phase"]  # background group
+  assert abs(moved.mean() - 0.3) < 0.04 and abs(textured.mean() - 0.3) < 0.04
+  assert abs((moved & textured).mean() - 0.09) < 0.025  # groups are chosen independently
+  np.testing.assert_array_equal(view["cy"] != base["cy"], moved)  # a group moves as a whole
+  with pytest.raises(ValueError, match="redraw_p"):
+    S.sample_view_scenes(idx, 1, redraw_p=1.5)

@@ -162,6 +162,7 @@ VIEW_NUISANCES: dict[str, tuple[int, ...]] = {
     "size": (_F["size"],),
     "rotation": (_F["angle"],),
 }
+_REDRAW_CHOICE_STREAM = 1 << 23  # uniforms stream (| view) deciding which groups a view re-draws
 # Default: a new scene around the same shape instance (class, size, rotation).
 DEFAULT_VIEW_NUISANCES: tuple[str, ...] = ("color", "background", "position", "clutter", "noise")
 
@@ -205,26 +206,36 @@ def sample_scenes(indices: np.ndarray, seed: int = 0, split: str = "train",
 
 def sample_view_scenes(indices, view: int, seed: int = 0, split: str = "train",
                        num_classes: int = len(CLASS_NAMES), difficulty: Difficulty = Difficulty(),
-                       nuisances: tuple[str, ...] = DEFAULT_VIEW_NUISANCES) -> dict[str, np.ndarray]:
+                       nuisances: tuple[str, ...] = DEFAULT_VIEW_NUISANCES,
+                       redraw_p: float = 1.0) -> dict[str, np.ndarray]:
   """Scene parameters of view `view` of each index (as `sample_scenes`).
 
   View 0 is the data set's own scene; view v > 0 keeps its class and every
   field outside `nuisances` (groups of `VIEW_NUISANCES`) and re-draws those from
   an independent stream of (seed, split, index, v): the same shape placed in a
-  new scene.
+  new scene. With `redraw_p` < 1 each listed group of each view is re-drawn
+  only with that probability (else it keeps view 0's values).
   """
   unknown = sorted(set(nuisances) - set(VIEW_NUISANCES))
   if unknown:
     raise ValueError(f"unknown synthetic view nuisance(s) {unknown}; choose from {sorted(VIEW_NUISANCES)}.")
   if view < 0:
     raise ValueError(f"synthetic view index must be >= 0, got {view}.")
+  if not 0.0 <= redraw_p <= 1.0:
+    raise ValueError(f"synthetic view redraw_p must be a probability in [0, 1], got {redraw_p}.")
   scene = sample_scenes(indices, seed, split, num_classes, difficulty)  # validates the arguments
   if view == 0 or not nuisances:
     return scene
-  u = _uniforms(scene["index"], seed, split)
-  columns = [c for group in nuisances for c in VIEW_NUISANCES[group]]
-  u[:, columns] = _uniforms(scene["index"], seed, split, stream=view)[:, columns]
-  return _scenes_from_uniforms(scene["index"], u, num_classes, difficulty)
+  index = scene["index"]
+  u = _uniforms(index, seed, split)
+  fresh = _uniforms(index, seed, split, stream=view)
+  # Which groups this view re-draws: one more independent uniform per (index, view, group).
+  chosen = _uniforms(index, seed, split, stream=view | _REDRAW_CHOICE_STREAM) < redraw_p
+  for g, group in enumerate(VIEW_NUISANCES):
+    if group in nuisances:
+      columns = list(VIEW_NUISANCES[group])
+      u[:, columns] = np.where(chosen[:, g:g + 1], fresh[:, columns], u[:, columns])
+  return _scenes_from_uniforms(index, u, num_classes, difficulty)
 
 
 def _scenes_from_uniforms(indices: np.ndarray, u: np.ndarray, num_classes: int,
@@ -584,14 +595,15 @@ class SyntheticShapes:
 
 def render_views(indices, num_views: int, seed: int = 0, split: str = "train", image_size: int = 32,
                  num_classes: int = len(CLASS_NAMES), difficulty: Difficulty = Difficulty(),
-                 nuisances: tuple[str, ...] = DEFAULT_VIEW_NUISANCES) -> tuple[np.ndarray, np.ndarray]:
+                 nuisances: tuple[str, ...] = DEFAULT_VIEW_NUISANCES, redraw_p: float = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
   """`num_views` renderings of each index (see `sample_view_scenes`): images [N, V, S, S, 3] uint8, labels [N].
 
   View 0 is the index's ordinary image (`render`).
   """
   if num_views < 1:
     raise ValueError(f"synthetic views need num_views >= 1, got {num_views}.")
-  scenes = [sample_view_scenes(indices, v, seed, split, num_classes, difficulty, nuisances)
+  scenes = [sample_view_scenes(indices, v, seed, split, num_classes, difficulty, nuisances, redraw_p)
             for v in range(num_views)]
   n = len(scenes[0]["index"])
   # View-major concatenation renders all N * V scenes in one vectorised call.
@@ -614,14 +626,15 @@ class SyntheticViews:
   """
 
   def __init__(self, base: SyntheticShapes, num_views: int,
-               nuisances: tuple[str, ...] = DEFAULT_VIEW_NUISANCES):
+               nuisances: tuple[str, ...] = DEFAULT_VIEW_NUISANCES, redraw_p: float = 1.0):
     if int(num_views) < 2:
       raise ValueError(f"synthetic views need num_views >= 2 (1 is the plain data set), got {num_views}.")
     sample_view_scenes(np.zeros(1, np.int64), 1, base.seed, base.split, base.num_classes,
-                       base.difficulty, tuple(nuisances))  # validates the groups
+                       base.difficulty, tuple(nuisances), float(redraw_p))  # validates the groups and p
     self.base = base
     self.num_views = int(num_views)
     self.nuisances = tuple(nuisances)
+    self.redraw_p = float(redraw_p)
     self.num_classes = base.num_classes
     self.class_names = base.class_names
 
@@ -629,7 +642,8 @@ class SyntheticViews:
     return len(self.base)
 
   def __repr__(self) -> str:
-    return f"SyntheticViews({self.base!r}, num_views={self.num_views}, nuisances={self.nuisances})"
+    return (f"SyntheticViews({self.base!r}, num_views={self.num_views}, nuisances={self.nuisances}, "
+            f"redraw_p={self.redraw_p})")
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
@@ -637,5 +651,5 @@ class SyntheticViews:
       raise IndexError(f"index {index} out of range for {len(self.base)} synthetic records")
     b = self.base
     views, labels = render_views(np.array([index]), self.num_views, b.seed, b.split, b.image_size,
-                                 b.num_classes, b.difficulty, self.nuisances)
+                                 b.num_classes, b.difficulty, self.nuisances, self.redraw_p)
     return dict(views=views[0], label=int(labels[0]), id=index)

@@ -131,6 +131,10 @@ class Dinov2Task(Task):
             if unknown:
                 raise UserError(f"config.data.synthetic.view_nuisances has unknown group(s) {unknown}; "
                                 f"choose from {sorted(VIEW_NUISANCES)}.")
+            p = float(c.data.synthetic.get("view_redraw_p", 1.0))
+            if not 0.0 <= p <= 1.0:
+                raise UserError(f"config.data.synthetic.view_redraw_p={p} is not a probability; use a value "
+                                "in [0, 1] (1: every view re-draws every listed nuisance).")
         if c.dino.centering not in CENTERINGS:
             raise UserError(f"config.dino.centering={c.dino.centering!r} is unknown; use one of {CENTERINGS}.")
         if float(c.dino.koleo_loss_weight) > 0:
@@ -201,9 +205,11 @@ class Dinov2Task(Task):
         source = lvm_data.build_source(self.config.data, split="train")
         if not self.synthetic_views:
             return source
-        nuisances = self.config.data.synthetic.get("view_nuisances", None)
+        syn = self.config.data.synthetic
+        nuisances = syn.get("view_nuisances", None)
         return SyntheticViews(source, self.synthetic_views,
-                              tuple(nuisances) if nuisances is not None else DEFAULT_VIEW_NUISANCES)
+                              tuple(nuisances) if nuisances is not None else DEFAULT_VIEW_NUISANCES,
+                              redraw_p=float(syn.get("view_redraw_p", 1.0)))
 
     def train_transforms(self) -> list:
         ops: list = []
