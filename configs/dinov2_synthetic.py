@@ -18,6 +18,41 @@ Why (2026-11-26, see issue 4's notes): at init LayerScale 1e-5 gives every image
            background, not the shape label. The DINO path itself learns when targets are predictable
            (tests/test_dinov2_task.py::test_student_learns_to_match_its_teacher_on_easy_views).
 
+Multi-view records (data.synthetic.views=V, 2026-11-27; default 0 = off). On 32 px images of
+           one object, random crops and photometric jitter cannot hide what two crops of an image
+           share most: the colours and texture of the large background and the object's colour,
+           all independent of the label by construction. Re-rendering the same shape instance
+           (class, size, rotation) in a new scene (re-drawn colours, background, position, clutter,
+           noise: data.synthetic.view_nuisances, each group with probability view_redraw_p) and
+           cutting crop k from view k mod V is the synthetic analogue of the augmentations that make
+           those cues unreliable on photographs (colour jitter, background/copy-paste changes). It
+           uses no label and no other record: only the record's own scene description, as an
+           augmentation uses only its own image. The kNN / linear evals still use one rendering per
+           image of the standard eval split, and the option exists only for source='synthetic'
+           (it raises otherwise), so the recipe configs for real images are unchanged.
+Measured with views (2026-11-27, 150-200 step probes, 2 cores shared with a CLIP run, LayerScale
+           0.1, momentum 0.95, linear probe off): every setting collapses to the uniform teacher
+           (dino_loss = ln K from step ~50, teacher_row_entropy >= 6.8 for K 1024): V 8 + recipe
+           colour: knn_top1 0.185 -> 0.167 (100) -> 0.178 (200); V 2 + recipe colour 0.185 -> 0.169;
+           V 8 / V 2 without colour jitter 0.185 -> 0.200 / 0.170 (150); V 2 without local crops,
+           global scale 0.5-1: 0.168 (150). At ln K (or heading there by step 50-75, stopped early):
+           conv stem with instance norm, K 16 prototypes, teacher momentum 0.996 (the student goes
+           uniform, the teacher follows more slowly), redraw probability 0.5 or 0.25 (knn 0.161 at
+           125), shape colour and position kept (background, clutter, noise re-drawn).
+           Why: the targets a random-init teacher gives are
+           predictable from another view only if the views share background and colours. Same-pair
+           retrieval (top-1 over 600 samples) with random-init CLS features of one random-resized
+           crop per view: 0.53 when only position/clutter/noise are re-drawn, 0.025 when the
+           background is re-drawn, 0.038 for colours, 0.002 (chance 0.0017) for the default groups
+           (LayerScale 1: 0.47 / 0.02 / 0.04 / 0.002; conv stem + instance norm: 0.31 / 0.03 / 0.03
+           / 0.002). A random ViT sees almost no shape, so with views the teacher's targets carry
+           nothing the student can predict and DINO takes its uniform fixed point; without views
+           it learns the shared background/colour, which is why knn_top1 falls.
+           Caveat: this data set has no within-class shape variation, so a shape instance is its
+           class plus size and rotation, and two views are close to "two images of one class" --
+           nearer to supervision than an augmentation of a photograph; a gain with views would be an
+           upper bound on what augmentation alone can give here.
+
 Every ingredient of the DINOv2 recipe is on (multi-crop, DINO + iBOT + KoLeo,
 Sinkhorn-Knopp, EMA teacher, LayerScale, uniform drop-path, registers,
 layer-wise lr decay, patch-embed lr multiplier, per-submodule clipping,
