@@ -68,6 +68,7 @@ def get_config(arg=None):
         image_size=32, worker_count=0, decode_errors="skip",
         rrc_scale=None,  # captions name positions and sizes: no crops ...
         hflip=False,  # ... and no flips ("left side")
+        caption_word_dropout=0.0,  # training captions: drop each word with this probability (>= 1 word kept)
         eval_resize_ratio=1.0,
         synthetic=ml_collections.ConfigDict(dict(
             num_train=50000, num_eval=2000, seed=0, image_size=32, num_classes=10,

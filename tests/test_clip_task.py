@@ -383,3 +383,40 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, overrides, message):
     assert message in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------------- caption word dropout
+def test_caption_word_dropout_keeps_an_ordered_subset_at_rate_p():
+    from train.tasks.clip import CaptionWordDropout
+
+    caption = "a small red circle on a striped blue background"
+    words = caption.split()
+    record = {"caption": caption, "id": 7}
+    assert CaptionWordDropout(0.0).random_map(dict(record), np.random.default_rng(0)) == record
+    drop = CaptionWordDropout(0.3)
+    rng = np.random.default_rng(0)
+    kept = 0
+    for _ in range(2000):
+        out = drop.random_map(dict(record), rng)
+        assert out["id"] == 7
+        got = out["caption"].split()
+        assert 1 <= len(got) <= len(words)
+        it = iter(words)  # an order-preserving subsequence of the original words
+        assert all(any(w == x for x in it) for w in got), out["caption"]
+        kept += len(got)
+    # Expected kept fraction 0.7 (the at-least-one-word rule adds 0.3**9 ~ 2e-5); 2000 x 9 draws: sd ~0.0034.
+    assert kept / (2000 * len(words)) == pytest.approx(0.7, abs=0.015)
+    # Everything dropped -> exactly one random word survives.
+    one = CaptionWordDropout(0.999)
+    outs = {one.random_map(dict(record), rng)["caption"] for _ in range(300)}
+    assert outs <= set(words) and len(outs) > 3
+
+
+def test_caption_word_dropout_reaches_the_training_pipeline_only():
+    from train.tasks.clip import CaptionWordDropout
+
+    task = get_task(tiny_clip_config(**{"data.caption_word_dropout": 0.2}), _mesh((1, 1, 1)))
+    assert any(isinstance(t, CaptionWordDropout) for t in task.train_transforms())
+    assert not any(isinstance(t, CaptionWordDropout) for t in task.eval_transforms(task.config.data))
+    with pytest.raises(Exception, match="caption_word_dropout"):
+        get_task(tiny_clip_config(**{"data.caption_word_dropout": 1.0}), _mesh((1, 1, 1))).train_transforms()

@@ -101,6 +101,30 @@ class TokenizeCaption(grain.MapTransform):
         return out
 
 
+class CaptionWordDropout(grain.RandomMapTransform):
+    """Training-time text augmentation: drops each word of record['caption'] with probability `p`.
+
+    Words are whitespace-separated; at least one word always survives (a random one when all
+    were drawn). Trains the text tower on partial descriptions (e.g. just the shape and a
+    colour) as well as full captions, so short prompts that name one attribute land where
+    the images with that attribute are. p=0 is the identity.
+    """
+
+    def __init__(self, p: float):
+        if not 0.0 <= p < 1.0:
+            raise UserError(f"config.data.caption_word_dropout={p} must be in [0, 1); 0 turns it off.")
+        self.p = float(p)
+
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        words = record["caption"].split()
+        if self.p == 0.0 or len(words) < 2:
+            return record
+        keep = rng.random(len(words)) >= self.p
+        if not keep.any():
+            keep[rng.integers(len(words))] = True
+        return {**record, "caption": " ".join(w for w, k in zip(words, keep) if k)}
+
+
 def image_transforms(data_cfg: ml_collections.ConfigDict, train: bool) -> list[grain.Transformation]:
     """decode -> (random-resized crop | resize) or (resize + centre crop) -> normalise.
 
@@ -239,7 +263,9 @@ class ClipTask(Task):
         return int(text.get("context_length", None) or TextTransformer.context_length)
 
     def train_transforms(self) -> list:
-        return image_transforms(self.config.data, train=True) + [
+        word_dropout = float(self.config.data.get("caption_word_dropout", 0.0) or 0.0)
+        text_aug = [CaptionWordDropout(word_dropout)] if word_dropout else []
+        return image_transforms(self.config.data, train=True) + text_aug + [
             TokenizeCaption(self.tokenizer, self.context_length, keys=("image",))]
 
     def eval_transforms(self, data_cfg: ml_collections.ConfigDict) -> list:
