@@ -36,7 +36,8 @@ Measured with views (2026-11-27, 150-200 step probes, 2 cores shared with a CLIP
            colour: knn_top1 0.185 -> 0.167 (100) -> 0.178 (200); V 2 + recipe colour 0.185 -> 0.169;
            V 8 / V 2 without colour jitter 0.185 -> 0.200 / 0.170 (150); V 2 without local crops,
            global scale 0.5-1: 0.168 (150); V 8 without colour jitter + KoLeo weight 1: 0.174 (150);
-           same with lr 3e-4: 0.202 (150; collapses more slowly, teacher_row_entropy 6.88). At ln K (or heading there by step 50-75, stopped early):
+           same with lr 3e-4: 0.202 (150; collapses more slowly, teacher_row_entropy 6.88), lr 1e-4:
+           0.197 (150) -> 0.196 (300, teacher_row_entropy 6.90 from step 150). At ln K (or heading there by step 50-75, stopped early):
            conv stem with instance norm, K 16 prototypes, teacher momentum 0.996 (the student goes
            uniform, the teacher follows more slowly), redraw probability 0.5 or 0.25 (knn 0.161 at
            125), shape colour and position kept (background, clutter, noise re-drawn).
