@@ -45,6 +45,23 @@ SINGLE = [
     ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"}),
     ("qkv=separate", {"LVM_JAX_QKV": "separate"}),
 ]
+# Variants that need their own process (XLA flags are read once per process): (name, env changes).
+FLAG_VARIANTS: list[tuple[str, dict[str, str]]] = []
+
+# --preset cpu: issue 7's CPU row (ViT-S/16 float32 b32 on the 2-core machine), the CPU defaults as
+# baseline, and XLA:CPU's YNNPACK fusion choices (the 2026-11-27 CPU profile: dots 78% of op time,
+# transposes/copies ~10%, LayerNorm scale/bias broadcasts materialised for YNNPACK fusions 3%).
+CPU_PRESET = dict(
+    BASE_ARGS=["--model", "vit", "--variant", "S/16", "--batch", "32", "--res", "224", "--mode", "train",
+               "--dtype", "float32", "--attention", "xla", "--steps", "5", "--warmup", "1"],
+    DEFAULTS={"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate", "LVM_JAX_PATCH_EMBED": "conv",
+              "LVM_JAX_SEQ_PAD": "per_call"},
+    SINGLE=[("qkv=fused", {"LVM_JAX_QKV": "fused"}), ("patch_embed=matmul", {"LVM_JAX_PATCH_EMBED": "matmul"}),
+            ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"})],
+    FLAG_VARIANTS=[("xla: YNNPACK dot fusions only", {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
+                   ("xla: YNNPACK single dots only",
+                    {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"})])
+
 WIN_MARGIN = 1.01  # a switch is kept when it is >= 1% faster than the baseline
 
 
@@ -270,12 +287,21 @@ def main() -> int:
   p.add_argument("--switches", default="", help="K=V,... switches for profile/suite/ln when 'ab' does not run")
   p.add_argument("--variants-child", help=argparse.SUPPRESS)
   p.add_argument("--child-out", help=argparse.SUPPRESS)
+  p.add_argument("--preset", choices=("gpu", "cpu"), default="gpu",
+                 help="gpu: ViT-B/16 bf16 b256 (default); cpu: ViT-S/16 float32 b32, the CPU defaults and XLA:CPU flags")
   p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script (ViT-Ti/16, 64 px, b8)")
   args = p.parse_args()
+  if args.preset == "cpu" or os.environ.get("LVM_AB_PRESET") == "cpu":  # children inherit the variable
+    args.preset = "cpu"
+    os.environ["LVM_AB_PRESET"] = "cpu"
+    BASE_ARGS[:] = CPU_PRESET["BASE_ARGS"]
+    DEFAULTS.clear()
+    DEFAULTS.update(CPU_PRESET["DEFAULTS"])
+    SINGLE[:] = CPU_PRESET["SINGLE"]
+    FLAG_VARIANTS[:] = CPU_PRESET["FLAG_VARIANTS"]
   if args.smoke or os.environ.get("LVM_AB_SMOKE"):  # children inherit the variable
     args.smoke = True
-    BASE_ARGS[BASE_ARGS.index("B/16")] = "Ti/16"
-    for flag, value in (("--batch", "8"), ("--res", "64"), ("--steps", "2"), ("--warmup", "1"),
+    for flag, value in (("--variant", "Ti/16"), ("--batch", "8"), ("--res", "64"), ("--steps", "2"), ("--warmup", "1"),
                         ("--attention", "xla"), ("--dtype", "float32")):
       BASE_ARGS[BASE_ARGS.index(flag) + 1] = value
     os.environ["LVM_AB_SMOKE"] = "1"
@@ -306,8 +332,18 @@ def main() -> int:
     for (name, change), row in zip(SINGLE, singles[1:]):
       if img_per_s(row) > WIN_MARGIN * img_per_s(ref):
         winners.update(change)
+    for name, change in FLAG_VARIANTS:
+      if left() < 60:
+        break
+      row = bench(name, change, [], min(150, left()), rows)
+      save()
+      if img_per_s(row) > WIN_MARGIN * img_per_s(base):
+        winners.update(change)
     if len(winners) > 1 and left() > 60:
-      bench_in_one_process([("combined winners", winners)], min(90, left()), rows)
+      if "XLA_FLAGS" in winners:  # flags need a process of their own
+        bench("combined winners", winners, [], min(150, left()), rows)
+      else:
+        bench_in_one_process([("combined winners", winners)], min(90, left()), rows)
       save()
     best_env = winners or best_env
   if "profile" in stages and left() > 60:
