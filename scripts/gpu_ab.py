@@ -396,6 +396,9 @@ def main() -> int:
   if timm:
     print(f"timm torch.compile (same run, baseline process): {timm} img/s")
   print("winning switches:", winners or "none")
+  if args.preset == "cpu":
+    print("CPU: compare img/s. An in-process row's MFU divides by a matmul probe timed inside that long-lived "
+          "process, which runs slower after the first variants (seen 2026-11-27), so it reads too high.")
   return 0
 
 
