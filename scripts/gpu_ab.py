@@ -87,12 +87,16 @@ def bench(name: str, env_changes: dict[str, str], extra: list[str], timeout: flo
   if os.path.exists(path) and os.path.getsize(path):
     with open(path) as f:
       payload = json.load(f)
-    row["results"] = payload["results"]
-    row["ratios"] = payload["ratios"]
-    row["switches"] = payload.get("env", {}).get("impl_switches")
+    row.update(_payload_fields(payload))
   if os.path.exists(path):
     os.unlink(path)
   return _record(row, rows)
+
+
+def _payload_fields(payload: dict[str, Any]) -> dict[str, Any]:
+  """What a row keeps of an lvm-bench payload: results, ratios and the implementation switches used."""
+  return {"results": payload["results"], "ratios": payload["ratios"],
+          "switches": payload.get("env", {}).get("impl_switches")}
 
 
 def _record(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,8 +154,7 @@ def variants_child(spec_path: str, out_path: str) -> None:
       args = cli.build_parser().parse_args(BASE_ARGS)
       cli.validate(args)
       payload = cli.run(args)
-      row.update(status="ok", results=payload["results"], ratios=payload["ratios"],
-                 switches=payload.get("env", {}).get("impl_switches"))
+      row.update(status="ok", **_payload_fields(payload))
     except Exception as e:  # noqa: BLE001 - record and go on with the next variant
       row.update(status="failed", error=f"{type(e).__name__}: {str(e)[:1500]}")
     row["wall_s"] = round(time.monotonic() - start, 1)

@@ -70,6 +70,10 @@ def _rows_call(kernel, out_shape, num_warps: int, name: str):
 
 
 def _forward(x2: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, Array, Array]:
+  """x2 `[R, D]` -> (y `[R, D]`, mean `[R]`, rstd `[R]`); the one entry of both the primal and the VJP."""
+  if _compiled() and jax.device_count() > 1:
+    raise ValueError(f"LVM_JAX_LAYERNORM=pallas runs on one device only ({jax.device_count()} visible): "
+                     "unset it (or set it to custom_vjp) for multi-device meshes.")
   width = x2.shape[-1]
   block, warps = _row_block(width)
   out_shape = (jax.ShapeDtypeStruct((width,), x2.dtype), jax.ShapeDtypeStruct((), jnp.float32),
@@ -86,16 +90,11 @@ def pallas_layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
   partitioner cannot split (a sharded input would be gathered), so it refuses several devices.
   Elsewhere it runs in interpret mode (ordinary XLA ops, any number of devices).
   """
-  if _compiled() and jax.device_count() > 1:
-    raise ValueError(f"LVM_JAX_LAYERNORM=pallas runs on one device only ({jax.device_count()} visible): "
-                     "unset it (or set it to custom_vjp) for multi-device meshes.")
   y, _, _ = _forward(x.reshape(-1, x.shape[-1]), scale, bias, eps)
   return y.reshape(x.shape)
 
 
 def _vjp_fwd(x, scale, bias, eps):
-  if _compiled() and jax.device_count() > 1:
-    pallas_layer_norm(x, scale, bias, eps)  # raises the error above
   y, mean, rstd = _forward(x.reshape(-1, x.shape[-1]), scale, bias, eps)
   return y.reshape(x.shape), (x, scale, bias, mean, rstd)
 
