@@ -322,8 +322,10 @@ def test_published_configs_build_sharded_state(needs_8, path, backbone_params, f
     (["--config.data.synthetic.views=1"], "config.data.synthetic.views=1 must be 0"),
     (["--config.data.synthetic.views=3", "--config.data.synthetic.view_nuisances=('hue',)"],
      "unknown group(s) ['hue']"),
-    (["--config.data.synthetic.views=2", "--config.data.synthetic.view_redraw_p=1.5"],
-     "config.data.synthetic.view_redraw_p=1.5 is not a probability"),
+    (["--config.data.synthetic.views=2", "--config.data.synthetic.view_redraw_p=(0.5, 1.5)"],
+     "config.data.synthetic.view_redraw_p=(0.5, 1.5) is not a probability"),
+    (["--config.data.synthetic.views=2", "--config.data.synthetic.view_redraw_ramp=(0.8, 0.2)"],
+     "config.data.synthetic.view_redraw_ramp=(0.8, 0.2) must be (begin, end) fractions"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, overrides, message):
     rc = train_main(["--config", CONFIG, "--workdir", str(tmp_path / "w"), *overrides])
@@ -425,3 +427,50 @@ def test_multi_view_pipeline_resumes_exactly_and_evals_use_single_images():
     gaps = [colour_gap(next(iter(lvm_data.make_loader(t.train_source(), t.train_transforms(), batch_size=32,
                                                       shuffle=True, seed=0)))) for t in (plain, views)]
     assert gaps[1] > 2 * gaps[0], gaps
+
+
+def test_view_curriculum_follows_the_step_and_resumes_exactly():
+    """`view_redraw_p=(start, end)`: views are rendered by the first transform at the record's step
+    (its stream position // the per-process batch), so a restored iterator renders the same views."""
+    from lvm_jax.data.synthetic import SyntheticShapes
+    from train.tasks.dinov2 import ScheduledViews
+
+    no_photometric = {"data.crops.jitter_p": 0.0, "data.crops.grayscale_p": 0.0, "data.crops.solarize_p": 0.0}
+    config = tiny_dinov2_config(**no_photometric, **{
+        "data.synthetic.views": 2, "data.synthetic.view_redraw_p": (0.0, 1.0),
+        "data.synthetic.view_redraw_ramp": (0.5, 0.5), "total_steps": 6})
+    task = get_task(config, _mesh((1, 1, 1)))
+    source, ops = task.train_source(), task.train_transforms()
+    assert isinstance(source, SyntheticShapes) and isinstance(ops[0], ScheduledViews)
+    assert [task.view_schedule(s) for s in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    ramp = get_task(tiny_dinov2_config(**{"data.synthetic.views": 2, "data.synthetic.view_redraw_p": (0.2, 0.6),
+                                          "data.synthetic.view_redraw_ramp": (0.0, 1.0), "total_steps": 4}),
+                    _mesh((1, 1, 1))).view_schedule
+    np.testing.assert_allclose([ramp(s) for s in range(6)], [0.2, 0.3, 0.4, 0.5, 0.6, 0.6])
+    # p = 0: every view is the record's own image; p = 1: a new scene around the same shape.
+    record = source[5]
+    same = ops[0].render(5, position=0)
+    np.testing.assert_array_equal(same["views"][1], record["image"])
+    assert same["label"] == record["label"] and same["id"] == 5
+    assert np.abs(ops[0].render(5, position=16 * 4)["views"][1].astype(int) - record["image"]).mean() > 10
+
+    def loader():
+        return lvm_data.make_loader(source, task.train_transforms(), batch_size=16, shuffle=True, seed=0)
+
+    def colour_gap(batch):  # the two global crops: one image (small gap) or two scenes (large gap)
+        means = batch["global_crops"].mean(axis=(2, 3))
+        return np.abs(means[:, 0] - means[:, 1]).mean()
+
+    it = iter(loader())
+    batches = [next(it) for _ in range(8)]  # 96 records / 16: step 6 starts the second epoch
+    gaps = [colour_gap(b) for b in batches]
+    assert max(gaps[:4]) * 2 < min(gaps[4:]), gaps
+    resumed = iter(loader())
+    first = iter(loader())
+    for _ in range(2):
+        next(first)
+    resumed.set_state(first.get_state())
+    for want in batches[2:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)

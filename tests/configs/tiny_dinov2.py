@@ -12,7 +12,11 @@ def tiny_dinov2_config(**overrides):
     from lvm_jax.config import load_config_file
 
     c = load_config_file(str(ROOT / "configs" / "dinov2_synthetic.py"))
-    c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4, image_size=16)
+    # The recipe's patch stem, LayerScale and teacher schedule (the synthetic default deviates for
+    # short CPU runs): the tests name `patch_embed` leaves and check the recipe's momentum.
+    c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4, image_size=16, stem="patch",
+                   layerscale_init=1e-5)
+    c.teacher.update(momentum=0.992, warmup_temp=0.04, temp=0.07)
     c.head.update(num_prototypes=64, hidden_dim=64, bottleneck_dim=32, ibot_num_prototypes=64,
                   ibot_hidden_dim=64, ibot_bottleneck_dim=32)
     c.data.image_size = 16

@@ -24,6 +24,10 @@ same, and this layout keeps every gather on the device that holds the sample.)
 With `data.synthetic.views = V` (synthetic source only) a training record is V
 renderings of one shape in different scenes (`SyntheticViews`) and crop k is
 cut from view k mod V; the kNN / linear evals still use one rendering per image.
+With `view_redraw_p = (start, end)` the re-draw probability ramps with the
+training step (`ScheduledViews`, a curriculum): the views are rendered by the
+first host transform from the record's stream position, so a resumed run
+renders the same views.
 
 State: `params = {'backbone', 'heads'}` (the student); `extra = {'teacher':
 same structure, 'dino_center' [K], 'ibot_center' [K_ibot]}` (centres stay 0
@@ -66,7 +70,7 @@ from lvm_jax import data as lvm_data
 from lvm_jax import schedules, sharding
 from lvm_jax.data.masking import MaskCollator
 from lvm_jax.data.multicrop import MultiCrop, MultiCropTransform
-from lvm_jax.data.synthetic import DEFAULT_VIEW_NUISANCES, VIEW_NUISANCES, SyntheticViews
+from lvm_jax.data.synthetic import DEFAULT_VIEW_NUISANCES, VIEW_NUISANCES, SyntheticViews, render_views
 from lvm_jax.data.transforms import DecodeImage, DropFailed
 from lvm_jax.errors import UserError
 from lvm_jax.evals.knn import extract_features, knn_classifier
@@ -131,10 +135,19 @@ class Dinov2Task(Task):
             if unknown:
                 raise UserError(f"config.data.synthetic.view_nuisances has unknown group(s) {unknown}; "
                                 f"choose from {sorted(VIEW_NUISANCES)}.")
-            p = float(c.data.synthetic.get("view_redraw_p", 1.0))
-            if not 0.0 <= p <= 1.0:
-                raise UserError(f"config.data.synthetic.view_redraw_p={p} is not a probability; use a value "
-                                "in [0, 1] (1: every view re-draws every listed nuisance).")
+            raw = c.data.synthetic.get("view_redraw_p", 1.0)
+            ps = [float(x) for x in (raw if isinstance(raw, (tuple, list)) else (raw,))]
+            if len(ps) not in (1, 2) or not all(0.0 <= x <= 1.0 for x in ps):
+                raise UserError(f"config.data.synthetic.view_redraw_p={raw} is not a probability or a (start, end) "
+                                "pair of probabilities; use values in [0, 1] (1: every view re-draws every "
+                                "listed nuisance).")
+            lo, hi = (float(x) for x in c.data.synthetic.get("view_redraw_ramp", (0.0, 1.0)))
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise UserError(f"config.data.synthetic.view_redraw_ramp={(lo, hi)} must be (begin, end) fractions "
+                                "of total_steps with 0 <= begin <= end <= 1, e.g. (0.2, 0.8).")
+            if len(ps) == 2 and not self.config.get("total_steps"):
+                raise UserError("config.data.synthetic.view_redraw_p=(start, end) ramps over config.total_steps; "
+                                "set config.total_steps (not total_epochs).")
         if c.dino.centering not in CENTERINGS:
             raise UserError(f"config.dino.centering={c.dino.centering!r} is unknown; use one of {CENTERINGS}.")
         if float(c.dino.koleo_loss_weight) > 0:
@@ -199,20 +212,43 @@ class Dinov2Task(Task):
         syn = self.config.data.get("synthetic", None) or {}
         return int(syn.get("views", 0) or 0)
 
+    @property
+    def view_schedule(self) -> ViewRedrawSchedule | None:
+        """The re-draw probability by step when `data.synthetic.view_redraw_p` is a (start, end) ramp."""
+        syn = self.config.data.get("synthetic", None) or {}
+        raw = syn.get("view_redraw_p", 1.0)
+        if not self.synthetic_views or not isinstance(raw, (tuple, list)) or float(raw[0]) == float(raw[-1]):
+            return None
+        lo, hi = (float(x) for x in syn.get("view_redraw_ramp", (0.0, 1.0)))
+        total = int(self.config.total_steps)
+        return ViewRedrawSchedule(float(raw[0]), float(raw[1]), round(lo * total), round(hi * total))
+
     def train_source(self):
         """The training records; with `data.synthetic.views` each is several renderings of one shape
-        (`SyntheticViews`). The evals always use the plain source (one rendering per image)."""
+        (`SyntheticViews`). With a re-draw ramp the source stays the plain one and the views are
+        rendered by the first transform (`ScheduledViews`), which knows each record's step. The evals
+        always use the plain source (one rendering per image)."""
         source = lvm_data.build_source(self.config.data, split="train")
-        if not self.synthetic_views:
+        if not self.synthetic_views or self.view_schedule is not None:
             return source
         syn = self.config.data.synthetic
-        nuisances = syn.get("view_nuisances", None)
-        return SyntheticViews(source, self.synthetic_views,
-                              tuple(nuisances) if nuisances is not None else DEFAULT_VIEW_NUISANCES,
-                              redraw_p=float(syn.get("view_redraw_p", 1.0)))
+        raw = syn.get("view_redraw_p", 1.0)
+        return SyntheticViews(source, self.synthetic_views, self._view_nuisances,
+                              redraw_p=float(raw[0] if isinstance(raw, (tuple, list)) else raw))
+
+    @property
+    def _view_nuisances(self) -> tuple[str, ...]:
+        nuisances = self.config.data.synthetic.get("view_nuisances", None)
+        return tuple(nuisances) if nuisances is not None else DEFAULT_VIEW_NUISANCES
 
     def train_transforms(self) -> list:
         ops: list = []
+        schedule = self.view_schedule
+        if schedule is not None:
+            ops.append(ScheduledViews(lvm_data.build_source(self.config.data, split="train"), self.synthetic_views,
+                                      self._view_nuisances, schedule,
+                                      records_per_step=sharding.check_batch_size(int(self.config.batch_size),
+                                                                                 self.mesh)))
         if self.config.data.get("source", "synthetic") != "synthetic":
             ops += [DecodeImage(self.config.data.get("decode_errors", "skip") or "skip"), DropFailed()]
         ops.append(MultiCropTransform(self.multicrop))
@@ -373,8 +409,9 @@ class Dinov2Task(Task):
             warnings.append(
                 f"uniform collapse: teacher_row_entropy {metrics['teacher_row_entropy']:.3f} > 0.9 ln K = {ceiling:.3f}, "
                 "the teacher's CLS output is nearly the same uniform vector for every image (dino_loss ~ ln K); "
-                "make the targets predictable: weaker colour jitter, a lower teacher momentum or a larger "
-                "model.layerscale_init for short runs (see configs/dinov2_synthetic.py).")
+                "sharpen the teacher (teacher.temp 0.02 on the synthetic set) or make the targets predictable: "
+                "weaker colour jitter, a lower teacher momentum or a larger model.layerscale_init for short runs "
+                "(see configs/dinov2_synthetic.py).")
         if metrics.get("teacher_entropy", math.inf) < ENTROPY_FLOOR:
             warnings.append(
                 f"one-prototype collapse: teacher_entropy {metrics['teacher_entropy']:.3f} < 1.0, every image "
@@ -445,6 +482,53 @@ class Dinov2Task(Task):
 
 
 # ------------------------------------------------------------------------------------------ host data
+
+
+class ViewRedrawSchedule(NamedTuple):
+    """Re-draw probability of the view nuisances by training step: `start` until `begin`, linear to `end`
+    at step `stop`, then `end` (a curriculum: views first share their scene, then only the shape)."""
+
+    start: float
+    end: float
+    begin: int
+    stop: int
+
+    def __call__(self, step: int) -> float:
+        if step <= self.begin:
+            return self.start
+        if step >= self.stop:
+            return self.end
+        return self.start + (self.end - self.start) * (step - self.begin) / (self.stop - self.begin)
+
+
+class ScheduledViews:
+    """grain operation: plain synthetic records -> multi-view records (`SyntheticViews`' layout) whose
+    re-draw probability follows `schedule` at the record's training step.
+
+    The step is the record's position in this process's stream (grain's `metadata.index`, which a
+    restored iterator resumes) divided by the per-process batch, so views, and everything after them,
+    are the same after a resume. A view re-draws group g when a fixed uniform of (seed, index, view, g)
+    is below p, so raising p only adds re-drawn groups (`sample_view_scenes`). A lazy 1:1 map: the
+    loader's state stays its sampler position.
+    """
+
+    def __init__(self, base, num_views: int, nuisances: tuple[str, ...], schedule: ViewRedrawSchedule,
+                 records_per_step: int):
+        self.base, self.num_views, self.nuisances = base, int(num_views), tuple(nuisances)
+        self.schedule, self.records_per_step = schedule, int(records_per_step)
+
+    def redraw_p(self, position: int) -> float:
+        return float(self.schedule(int(position) // self.records_per_step))
+
+    def render(self, index: int, position: int) -> dict[str, Any]:
+        b = self.base
+        views, labels = render_views(np.array([int(index)]), self.num_views, b.seed, b.split, b.image_size,
+                                     b.num_classes, b.difficulty, self.nuisances, self.redraw_p(position))
+        return dict(views=views[0], label=int(labels[0]), id=int(index))
+
+    def __call__(self, records):
+        for r in records:
+            yield grain.Record(metadata=r.metadata, data=self.render(r.data["id"], r.metadata.index))
 
 
 class SampleMasks(grain.RandomMapTransform):
