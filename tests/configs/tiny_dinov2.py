@@ -25,7 +25,7 @@ def tiny_dinov2_config(**overrides):
     c.batch_size = 16
     c.eval_batch_size = 16
     c.total_steps = 6
-    c.optim.update(warmup_steps=2, freeze_last_layer_steps=1)
+    c.optim.update(lr=1e-3, warmup_steps=2, freeze_last_layer_steps=1)
     c.teacher.temp_warmup_steps = 3
     c.eval.update(train_subset=64, knn_ks=(5, 20), linear_probe=False, pictures=2)
     c.log_every = 1
