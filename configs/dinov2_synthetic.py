@@ -38,7 +38,8 @@ the same eval split, 1024 prototypes and lr 1e-3 unless stated):
     Sinkhorn-Knopp), 1024 prototypes make every image its own cluster; 64 give coarser, more
     shared clusters. 600-step probes of this config (knn_top1 at 300 / 600): K 1024 lr 1e-3
     0.207 / 0.226; K 1024 lr 2e-3 0.221 / 0.237; K 256 0.237 / 0.250; K 64 0.237 / 0.270 (row
-    entropy 1.86, ceiling 0.9 ln 64 = 3.74); K 16 0.238 / 0.230.
+    entropy 1.86, ceiling 0.9 ln 64 = 3.74); K 16 0.238 / 0.230. K 64 with local crops of area
+    0.15-0.5 instead of 0.05-0.32: 0.241 / 0.231 (worse).
 Probes (conv stem, K 1024; knn_top1 from 0.118 at step 0; "collapsed" = teacher_row_entropy above
 0.9 ln K = 6.24):
   T 0.04->0.07, no colour, no local crops, 300 steps            0.142, collapsed (6.91)
