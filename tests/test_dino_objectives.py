@@ -157,6 +157,18 @@ def test_sinkhorn_knopp_large_logits_stay_finite():
     assert np.isfinite(np.asarray(dino.sinkhorn_knopp(t, 0.04))).all()
 
 
+def test_sinkhorn_knopp_prototype_far_from_every_row_stays_finite():
+    # Cosine logits at temperature 0.02: prototype 1 sits at -1 from every row while
+    # prototype 0 is at +1, so exp((t - global max) / T) = exp(-100) underflows float32
+    # for the whole column; float64 (the reference) keeps it, and so must we.
+    t = np.full((6, 4), 0.2, np.float32)
+    t[:, 0], t[:, 1] = 1.0, -1.0
+    t[:, 2:] += np.linspace(-0.1, 0.1, 6, dtype=np.float32)[:, None]
+    ours = np.asarray(dino.sinkhorn_knopp(jnp.asarray(t), 0.02))
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, np_sinkhorn(t.astype(np.float64), 0.02), **TOL)
+
+
 def test_koleo(data):
     x = data["cls_features"]
     np.testing.assert_allclose(dino.koleo_loss(jnp.asarray(x[:, 0])), np_koleo(x[:, 0].astype(np.float64)), **TOL)

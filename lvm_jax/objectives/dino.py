@@ -86,9 +86,13 @@ def sinkhorn_knopp(teacher_logits: jax.Array, teacher_temp, n_iterations: int = 
     k = shape[-1]
     t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)).reshape(-1, k) / teacher_temp
     w = jnp.ones(t.shape[:1], jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
-    # Subtracting the global max is a constant factor that the first normalisation
-    # removes exactly; it keeps exp() finite where the reference would overflow.
-    t_max = jnp.max(jnp.where(w[:, None] > 0, t, -jnp.inf))
+    # Subtracting each prototype's max over the valid rows scales every column by a
+    # constant, which the first per-prototype normalisation removes exactly. It keeps
+    # exp() finite where the reference overflows, and every column's largest entry at 1:
+    # with one global max, a prototype far from every row underflows to an all-zero
+    # column at sharp temperatures (0.02: logits span 100) and 0/0 turns the targets NaN.
+    t_max = jnp.max(jnp.where(w[:, None] > 0, t, -jnp.inf), axis=0, keepdims=True)
+    t_max = jnp.where(jnp.isfinite(t_max), t_max, 0.0)  # no valid row at all: q is all zero anyway
     q = jnp.exp(t - t_max) * w[:, None]
     num_rows = jnp.sum(w)
     q = q / jnp.sum(q)
