@@ -15,6 +15,11 @@ Measured:  NOT met, but no collapse: knn_top1 0.118 (step 0) -> 0.254 (700) -> 0
            >= 0.968 / 0.949 (floor 0.1); no health warning; at 1400 dino_loss 3.21, ibot_loss 1.35.
            The same config with 1024 prototypes and lr 1e-3: 0.118 -> 0.249 (700) -> 0.259 (1400),
            linear 0.314, no collapse (9 min 59 s, cores half shared).
+           Those runs predate the Sinkhorn-Knopp fix of commit 512f57f (per-prototype max; the same
+           function, other float rounding). With it (lead, 11 min 18 s on cores shared with another run
+           and a CI check): knn_top1 0.118 -> 0.251 (700) -> 0.257 (1400), +13.9 points; linear_top1
+           0.192 -> 0.331 -> 0.332; teacher_row_entropy 0.92-3.13 from step 150, teacher_entropy >= 3.70,
+           feature std >= 0.70; no health warning. Two runs that differ only in rounding: +15.4 and +13.9.
 
 Deviations from the recipe, each measured (2026-11-27 session 5; probes = the task's real train_step
 on 2 CPU cores, shared with the lead's CLIP runs until the K / lr probes, linear probe off, kNN on
