@@ -216,12 +216,12 @@ class Dinov2Task(Task):
     def view_schedule(self) -> ViewRedrawSchedule | None:
         """The re-draw probability by step when `data.synthetic.view_redraw_p` is a (start, end) ramp."""
         syn = self.config.data.get("synthetic", None) or {}
-        raw = syn.get("view_redraw_p", 1.0)
-        if not self.synthetic_views or not isinstance(raw, (tuple, list)) or float(raw[0]) == float(raw[-1]):
+        start, end = _redraw_p_pair(syn.get("view_redraw_p", 1.0))
+        if not self.synthetic_views or start == end:
             return None
         lo, hi = (float(x) for x in syn.get("view_redraw_ramp", (0.0, 1.0)))
         total = int(self.config.total_steps)
-        return ViewRedrawSchedule(float(raw[0]), float(raw[1]), round(lo * total), round(hi * total))
+        return ViewRedrawSchedule(start, end, round(lo * total), round(hi * total))
 
     def train_source(self):
         """The training records; with `data.synthetic.views` each is several renderings of one shape
@@ -232,9 +232,8 @@ class Dinov2Task(Task):
         if not self.synthetic_views or self.view_schedule is not None:
             return source
         syn = self.config.data.synthetic
-        raw = syn.get("view_redraw_p", 1.0)
         return SyntheticViews(source, self.synthetic_views, self._view_nuisances,
-                              redraw_p=float(raw[0] if isinstance(raw, (tuple, list)) else raw))
+                              redraw_p=_redraw_p_pair(syn.get("view_redraw_p", 1.0))[0])
 
     @property
     def _view_nuisances(self) -> tuple[str, ...]:
@@ -482,6 +481,12 @@ class Dinov2Task(Task):
 
 
 # ------------------------------------------------------------------------------------------ host data
+
+
+def _redraw_p_pair(raw: Any) -> tuple[float, float]:
+    """`data.synthetic.view_redraw_p` as (start, end): a single probability p is (p, p)."""
+    ps = [float(x) for x in (raw if isinstance(raw, (tuple, list)) else (raw,))]
+    return ps[0], ps[-1]
 
 
 class ViewRedrawSchedule(NamedTuple):
