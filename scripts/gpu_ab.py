@@ -35,11 +35,12 @@ BASE_ARGS = ["--model", "vit", "--variant", "B/16", "--batch", "256", "--res", "
 # The A/B baseline: the GPU defaults of lvm_jax/models/perf.py as of 2026-11-27 (set explicitly, so a
 # row means the same thing whatever the defaults become).
 DEFAULTS = {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "fused", "LVM_JAX_PATCH_EMBED": "matmul",
-            "LVM_JAX_SEQ_PAD": "per_call"}
+            "LVM_JAX_SEQ_PAD": "per_call", "LVM_JAX_LN_AFFINE": "separate"}
 # (name, env changes) tried one at a time against the baseline, most promising first. Measured
 # 2026-11-27 on an H200 against separate q/k/v + conv patchify: fused q/k/v 1.048x, matmul patchify
 # 1.016x, LayerNorm autodiff 1.008x then 1.000x, --xla_gpu_enable_triton_gemm=false 0.995x.
 SINGLE = [
+    ("ln_affine=folded", {"LVM_JAX_LN_AFFINE": "folded"}),
     ("layernorm=pallas", {"LVM_JAX_LAYERNORM": "pallas"}),
     ("seq_pad=once", {"LVM_JAX_SEQ_PAD": "once"}),
     ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"}),
@@ -55,8 +56,8 @@ CPU_PRESET = dict(
     BASE_ARGS=["--model", "vit", "--variant", "S/16", "--batch", "32", "--res", "224", "--mode", "train",
                "--dtype", "float32", "--attention", "xla", "--steps", "5", "--warmup", "1"],
     DEFAULTS={"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate", "LVM_JAX_PATCH_EMBED": "conv",
-              "LVM_JAX_SEQ_PAD": "per_call"},
-    SINGLE=[("qkv=fused", {"LVM_JAX_QKV": "fused"}), ("patch_embed=matmul", {"LVM_JAX_PATCH_EMBED": "matmul"}),
+              "LVM_JAX_SEQ_PAD": "per_call", "LVM_JAX_LN_AFFINE": "separate"},
+    SINGLE=[("ln_affine=folded", {"LVM_JAX_LN_AFFINE": "folded"}), ("qkv=fused", {"LVM_JAX_QKV": "fused"}), ("patch_embed=matmul", {"LVM_JAX_PATCH_EMBED": "matmul"}),
             ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"})],
     FLAG_VARIANTS=[("xla: YNNPACK dot fusions only", {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
                    ("xla: YNNPACK single dots only",

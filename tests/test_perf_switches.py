@@ -1,5 +1,6 @@
 """The implementation switches of lvm_jax/models/perf.py change speed only: same params, same outputs,
 same gradients as the default implementations (which tests/test_vit.py checks against NumPy and timm)."""
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +73,8 @@ def test_cpu_defaults_and_recorded_values(monkeypatch):
     monkeypatch.delenv(name, raising=False)
   assert jax.default_backend() == "cpu"
   assert perf.current() == {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate",
-                            "LVM_JAX_PATCH_EMBED": "conv", "LVM_JAX_SEQ_PAD": "per_call"}
+                            "LVM_JAX_PATCH_EMBED": "conv", "LVM_JAX_SEQ_PAD": "per_call",
+                            "LVM_JAX_LN_AFFINE": "separate"}
   monkeypatch.setenv("LVM_JAX_QKV", "fused")
   assert perf.current()["LVM_JAX_QKV"] == "fused"
 
@@ -154,3 +156,59 @@ def test_pallas_layer_norm_matches_numpy_and_autodiff(width):
   y16 = pallas_layer_norm(jnp.asarray(x, jnp.bfloat16), scale, bias, 1e-6)
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_fold_affine_matches_applying_the_layer_norm_affine_first():
+  from lvm_jax.models.layers import fold_affine
+
+  rng = np.random.default_rng(0)
+  xhat, kernel = rng.standard_normal((5, 6)), rng.standard_normal((6, 2, 3))
+  bias, scale, shift = rng.standard_normal((2, 3)), rng.standard_normal(6), rng.standard_normal(6)
+  want = np.tensordot(xhat * scale + shift, kernel, axes=1) + bias
+  k2, b2 = fold_affine(jnp.asarray(kernel, jnp.float32), jnp.asarray(bias, jnp.float32), scale, shift)
+  np.testing.assert_allclose(np.tensordot(xhat, np.asarray(k2), axes=1) + np.asarray(b2), want, rtol=1e-5, atol=1e-5)
+  _, b_nobias = fold_affine(jnp.asarray(kernel, jnp.float32), None, scale, shift)
+  np.testing.assert_allclose(b_nobias, np.tensordot(shift, kernel, axes=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ffn, qkv", [("swiglu", "separate"), ("mlp", "fused")])
+def test_folded_layer_norm_affine_gives_the_same_encoder(monkeypatch, ffn, qkv):
+  """LVM_JAX_LN_AFFINE=folded with SwiGLU / fused q/k/v and non-trivial LayerNorm params (at init they
+  are 1 and 0, which would hide a fold that dropped them): same outputs and gradients, scale/bias included."""
+  from lvm_jax.models import layers
+
+  monkeypatch.setenv("LVM_JAX_QKV", qkv)
+  encoder = layers.Encoder(depth=2, num_heads=2, mlp_dim=32, ffn=ffn, layerscale_init=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 16))
+  params = flax.linen.meta.unbox(encoder.init(jax.random.PRNGKey(0), x)["params"])
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(len(jax.tree_util.keystr(path))), p.shape)
+      if "norm" in jax.tree_util.keystr(path) else p, params)
+
+  def run(p, inputs):
+    y, _ = encoder.apply({"params": p}, inputs)
+    return jnp.sum(jnp.sin(2.0 * y)), y
+
+  results = {}
+  for mode in ("separate", "folded"):
+    monkeypatch.setenv("LVM_JAX_LN_AFFINE", mode)
+    (_, y), grads = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(params, x)
+    results[mode] = (y, grads)
+  np.testing.assert_allclose(results["folded"][0], results["separate"][0], rtol=1e-5, atol=1e-5)
+  norm_grads = results["folded"][1][0]["blocks_0"]["norm2"]["scale"]
+  assert float(jnp.max(jnp.abs(norm_grads))) > 1e-3
+  # Against the whole tree's scale: the key-bias gradient is 0 in exact arithmetic (rounding noise only).
+  leaves, ref = jax.tree.leaves(results["folded"][1]), jax.tree.leaves(results["separate"][1])
+  scale = max(float(jnp.max(jnp.abs(b))) for b in ref)
+  for a, b in zip(leaves, ref):
+    assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * scale
+
+
+def test_folding_a_layer_norm_into_cross_attention_is_one_clear_error():
+  from lvm_jax.models.layers import Attention
+
+  q, kv = jnp.ones((1, 2, 8)), jnp.ones((1, 3, 8))
+  attn = Attention(num_heads=2)
+  params = attn.init(jax.random.PRNGKey(0), q, kv)
+  with pytest.raises(ValueError, match="needs self-attention"):
+    attn.apply(params, q, kv, input_affine=(jnp.ones(8), jnp.zeros(8)))

@@ -79,17 +79,34 @@ class LayerNorm(nn.Module):
   E[x^2] - mu^2); the output is cast to `dtype`. The backward is written out
   (`_layer_norm`): it keeps only x and the per-row mean and 1/std, where
   autodiff of flax's LayerNorm saves full-size broadcasts of them.
+
+  `normalize` returns the un-scaled xhat and the affine params instead, for a
+  caller that folds the affine into its next matmul (LVM_JAX_LN_AFFINE=folded).
   """
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """`[..., D]` -> `[..., D]`."""
-    width = x.shape[-1]
+  def affine(self, width: int) -> tuple[Array, Array]:
+    """Declares (once) and returns the params scale, bias `[width]`."""
     scale = self.param("scale", logical(ones_init, ("embed",)), (width,), self.param_dtype)
     bias = self.param("bias", logical(zeros_init, ("embed",)), (width,), self.param_dtype)
+    return scale, bias
+
+  def __call__(self, x: Array) -> Array:
+    """`[..., D]` -> `[..., D]`."""
+    scale, bias = self.affine(x.shape[-1])
+    return self._apply(x, scale, bias)
+
+  def normalize(self, x: Array) -> tuple[Array, Array, Array]:
+    """`[..., D]` -> (xhat `[..., D]` in `dtype`, scale `[D]`, bias `[D]`): LayerNorm = xhat * scale + bias."""
+    scale, bias = self.affine(x.shape[-1])
+    if perf.choice("LVM_JAX_LAYERNORM") == "custom_vjp":
+      return _normalize(x, self.epsilon).astype(self.dtype), scale, bias
+    return self._apply(x, jnp.ones_like(scale), jnp.zeros_like(bias)), scale, bias
+
+  def _apply(self, x: Array, scale: Array, bias: Array) -> Array:
     impl = perf.choice("LVM_JAX_LAYERNORM")
     if impl == "autodiff":
       xhat, _, _ = _ln_stats(x, self.epsilon)
@@ -99,6 +116,20 @@ class LayerNorm(nn.Module):
 
       return pallas_layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
     return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+def fold_affine(kernel: Array, bias: Array | None, scale: Array, shift: Array) -> tuple[Array, Array]:
+  """Folds y = (xhat * scale + shift) @ kernel + bias into y = xhat @ kernel' + bias'.
+
+  kernel `[D, *out]`, bias `[*out]` or None, scale/shift `[D]` -> (kernel' `[D, *out]`, bias' `[*out]`).
+  Weight-sized work replaces a `[rows, D]` broadcast multiply-add (and, in the backward, two
+  `[rows, D]` reductions): autodiff through the fold gives scale/shift their exact gradients.
+  """
+  expand = (slice(None),) + (None,) * (kernel.ndim - 1)
+  folded_bias = jnp.tensordot(shift.astype(kernel.dtype), kernel, axes=1)
+  if bias is not None:
+    folded_bias = folded_bias + bias.astype(kernel.dtype)
+  return kernel * scale.astype(kernel.dtype)[expand], folded_bias
 
 
 def _ln_stats(x: Array, eps: float) -> tuple[Array, Array, Array]:
@@ -123,16 +154,41 @@ def _layer_norm_fwd(x, scale, bias, eps):
 def _layer_norm_bwd(eps, residuals, dy):
   del eps
   x, mean, rstd, scale, bias = residuals
-  xhat = (x.astype(mean.dtype) - mean) * rstd
   dy = dy.astype(mean.dtype)
-  g = dy * scale.astype(mean.dtype)
-  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  dx, xhat = _normalize_dx(x, mean, rstd, dy * scale.astype(mean.dtype))
   rows = tuple(range(x.ndim - 1))
-  return (dx.astype(x.dtype), jnp.sum(dy * xhat, axis=rows).astype(scale.dtype),
-          jnp.sum(dy, axis=rows).astype(bias.dtype))
+  return (dx, jnp.sum(dy * xhat, axis=rows).astype(scale.dtype), jnp.sum(dy, axis=rows).astype(bias.dtype))
+
+
+def _normalize_dx(x: Array, mean: Array, rstd: Array, g: Array) -> tuple[Array, Array]:
+  """The backward of xhat = (x - mean) * rstd: (dx `[..., D]` in x.dtype, xhat `[..., D]`) for cotangent g."""
+  xhat = (x.astype(mean.dtype) - mean) * rstd
+  g = g.astype(mean.dtype)
+  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), xhat
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _normalize(x: Array, eps: float) -> Array:
+  """LayerNorm without its affine: `[..., D]` -> xhat `[..., D]` (float32), the backward written out."""
+  return _ln_stats(x, eps)[0]
+
+
+def _normalize_fwd(x, eps):
+  xhat, mean, rstd = _ln_stats(x, eps)
+  return xhat, (x, mean, rstd)
+
+
+def _normalize_bwd(eps, residuals, g):
+  del eps
+  x, mean, rstd = residuals
+  return (_normalize_dx(x, mean, rstd, g)[0],)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 # --- attention ----------------------------------------------------------------
@@ -336,9 +392,15 @@ class MultiDense(nn.Module):
                         self.param_dtype)
     return kernel, bias
 
-  def __call__(self, x: Array) -> Array:
-    """`[..., *in]` -> `[..., *features]`."""
+  def __call__(self, x: Array, input_affine: tuple[Array, Array] | None = None) -> Array:
+    """`[..., *in]` -> `[..., *features]`.
+
+    input_affine: (scale, shift) `[D]` of a LayerNorm whose un-scaled output x is (num_in 1):
+    computes (x * scale + shift) @ kernel + bias with the affine folded into the weights.
+    """
     kernel, bias = self.weights(tuple(x.shape[-self.num_in:]))
+    if input_affine is not None:
+      kernel, bias = fold_affine(kernel, bias, *input_affine)
     contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     if bias is not None:
@@ -363,13 +425,18 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, mask: Array | None = None,
-               causal: bool = False, kv_lengths: Array | None = None) -> Array:
+               causal: bool = False, kv_lengths: Array | None = None,
+               input_affine: tuple[Array, Array] | None = None) -> Array:
     """inputs_q `[B, T, D]`, inputs_kv `[B, S, D]` (default: self-attention) -> `[B, T, D_out]`.
 
     mask: bool broadcastable to `[B, heads, T, S]` (True = attend); causal adds
     a lower-triangular mask (CLIP text tower); kv_lengths int `[B]`: keys past
-    it are padding.
+    it are padding. input_affine: (scale, shift) `[D]` of the LayerNorm whose
+    un-scaled output inputs_q is, folded into the q/k/v projections (self-attention only).
     """
+    if input_affine is not None and inputs_kv is not None:
+      raise ValueError("input_affine folds one LayerNorm into q/k/v and needs self-attention; "
+                       "apply the LayerNorm to inputs_q and inputs_kv yourself for cross-attention.")
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     width = inputs_q.shape[-1]
     if self.head_dim is None and width % self.num_heads:
@@ -380,11 +447,12 @@ class Attention(nn.Module):
         (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), use_bias=self.qkv_bias,
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     if inputs_kv is inputs_q and perf.choice("LVM_JAX_QKV") == "fused":
-      q, k, v = _fused_qkv([proj(name) for name in ("query", "key", "value")], inputs_q, self.dtype)
+      q, k, v = _fused_qkv([proj(name) for name in ("query", "key", "value")], inputs_q, self.dtype,
+                           input_affine)
     else:
-      q = proj("query")(inputs_q)
-      k = proj("key")(inputs_kv)
-      v = proj("value")(inputs_kv)
+      q = proj("query")(inputs_q, input_affine)
+      k = proj("key")(inputs_kv, input_affine)
+      v = proj("value")(inputs_kv, input_affine)
     names = ("batch", "length", "act_heads", "act_kv")
     q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
     x = dot_product_attention(q, k, v, mask=mask, causal=causal, impl=self.attention_impl,
@@ -395,13 +463,17 @@ class Attention(nn.Module):
     return constrain(out, ("batch", "length", "act_embed"))
 
 
-def _fused_qkv(projections: Sequence[MultiDense], x: Array, dtype: Dtype) -> tuple[Array, Array, Array]:
+def _fused_qkv(projections: Sequence[MultiDense], x: Array, dtype: Dtype,
+               input_affine: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
   """q, k, v `[B, L, N, H]` from one `[D] x [D, 3, N, H]` matmul over the three projections' own params.
 
   One wide matmul instead of three narrow ones (and one for each gradient); the
   params stay separate `query` / `key` / `value` trees, stacked on the fly.
+  input_affine: as MultiDense's.
   """
   weights = [p.weights((x.shape[-1],)) for p in projections]
+  if input_affine is not None:
+    weights = [fold_affine(kernel, bias, *input_affine) for kernel, bias in weights]
   kernel = jnp.stack([w.astype(dtype) for w, _ in weights], axis=1)  # [D, 3, N, H]
   y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
   if weights[0][1] is not None:
@@ -421,16 +493,16 @@ class Mlp(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """`[B, L, D]` -> `[B, L, out_features or D]`."""
+  def __call__(self, x: Array, train: bool = False, input_affine: tuple[Array, Array] | None = None) -> Array:
+    """`[B, L, D]` -> `[B, L, out_features or D]`; input_affine: as MultiDense's (folded into fc1)."""
     width, lead = x.shape[-1], x.shape[:-1]
     # Tokens flattened to rows: the weight gradients become plain [rows, in]^T [rows, out]
     # matmuls (contracting over batch and length at once cost a transposed copy of the
     # hidden activations on XLA:CPU; ~5% of a ViT-S training step).
     x = x.reshape((-1, width))
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=logical(dense_init, ("embed", "mlp")),
-                 bias_init=logical(zeros_init, ("mlp",)), name="fc1")(x)
+    # MultiDense: the same params and init as nn.Dense, plus the LayerNorm fold.
+    x = MultiDense((self.mlp_dim,), 1, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="fc1")(x, input_affine)
     x = constrain(activation(self.act)(x), ("batch", "act_mlp"))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = nn.Dense(self.out_features or width, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -457,13 +529,12 @@ class SwiGLU(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """`[B, L, D]` -> `[B, L, out_features or D]`."""
+  def __call__(self, x: Array, train: bool = False, input_affine: tuple[Array, Array] | None = None) -> Array:
+    """`[B, L, D]` -> `[B, L, out_features or D]`; input_affine: as MultiDense's (folded into w1, w2)."""
     width, hidden = x.shape[-1], swiglu_hidden_dim(self.mlp_dim)
-    dense = lambda name: nn.Dense(hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=logical(dense_init, ("embed", "mlp")),
-                                  bias_init=logical(zeros_init, ("mlp",)), name=name)
-    h = nn.silu(dense("w1")(x)) * dense("w2")(x)
+    dense = lambda name: MultiDense((hidden,), 1, ("embed", "mlp"), dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name=name)
+    h = nn.silu(dense("w1")(x, input_affine)) * dense("w2")(x, input_affine)
     h = constrain(h, ("batch", "length", "act_mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
     return nn.Dense(self.out_features or width, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -537,9 +608,19 @@ class EncoderBlock(nn.Module):
         y = DropPath()(y, drop_path_rate, self.train)
       return y
 
+    # LVM_JAX_LN_AFFINE=folded: each LayerNorm's scale/bias folded into the next matmul's weights.
+    folded = perf.choice("LVM_JAX_LN_AFFINE") == "folded"
+
+    def normed(name: str, x: Array) -> tuple[Array, tuple[Array, Array] | None]:
+      if not folded:
+        return norm(name)(x), None
+      xhat, scale, shift = norm(name).normalize(x)
+      return xhat, (scale, shift)
+
+    h, affine = normed("norm1", x)
     y = Attention(self.num_heads, qkv_bias=self.qkv_bias, attention_impl=self.attention_impl,
                   dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-                      norm("norm1")(x), mask=attn_mask, causal=self.causal, kv_lengths=kv_lengths)
+                      h, mask=attn_mask, causal=self.causal, kv_lengths=kv_lengths, input_affine=affine)
     x = x + residual(drop(y), "ls1")
     if self.ffn == "mlp":
       ffn = Mlp(self.mlp_dim, self.act, self.dropout_rate, dtype=self.dtype,
@@ -549,7 +630,8 @@ class EncoderBlock(nn.Module):
                    param_dtype=self.param_dtype, name="mlp")
     else:
       raise ValueError(f"Unknown ffn {self.ffn!r}; choose 'mlp' or 'swiglu'.")
-    y = ffn(norm("norm2")(x), train=self.train)
+    h, affine = normed("norm2", x)
+    y = ffn(h, train=self.train, input_affine=affine)
     x = x + residual(drop(y), "ls2")
     return constrain(x, ("batch", "length", "act_embed"))
 

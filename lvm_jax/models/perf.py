@@ -10,6 +10,8 @@ overrides it for A/B benchmarks (`scripts/gpu_ab.py`, `lvm-bench`):
   LVM_JAX_QKV          'separate' | 'fused'        self-attention q/k/v as three matmuls or one
   LVM_JAX_PATCH_EMBED  'conv' | 'matmul'           patchify as a strided conv or reshape + matmul
   LVM_JAX_SEQ_PAD      'per_call' | 'once'         cuDNN's even-length padding per attention or per encoder
+  LVM_JAX_LN_AFFINE    'separate' | 'folded'       a block's LayerNorm scale/bias applied to the activations,
+                                                   or folded into the next matmul's weights
 
 The choice is read when a model is traced (jit), so set the variable before
 the first call. Params and outputs are the same for every choice (tested in
@@ -33,6 +35,11 @@ SWITCHES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     # cuDNN attention at odd lengths: pad q/k/v + slice the output in every block, or pad the
     # token sequence once per encoder (not yet measured on a GPU: the first choice stays default).
     "LVM_JAX_SEQ_PAD": (("per_call", "once"), {}),
+    # Pre-LN blocks: (xhat * scale + bias) @ W as xhat @ (scale W) + bias W, no [rows, D] broadcast
+    # multiply-add forward nor the two [rows, D] reductions backward. XLA:CPU, ViT-S/16 f32 b32 train,
+    # both steps in one process, interleaved (2026-11-27): folded 0.957x of separate, so not the
+    # CPU default; not yet measured on a GPU (scripts/gpu_ab.py tries it first).
+    "LVM_JAX_LN_AFFINE": (("separate", "folded"), {}),
 }
 
 
