@@ -29,6 +29,8 @@ Measured:  NOT met (session 6, 2026-11-27), no collapse: knn_top1 0.123 (step 0)
            Full-length variants (20k bank, 5000 eval, knn_top1 at the end; step 0 0.123 / 0.140):
              batch 128 x 1000 steps, 10 local crops     seed 0 0.325 (+20.2), seed 1 0.318 (+17.8)
              14 local crops (1400 steps, batch 64)      seed 0 0.317 (+19.4), seed 1 0.305 (+16.4)
+             dino.loss_weight 2 (iBOT 1)                seed 0 0.268, seed 1 0.256 at 700 (this config:
+                                                        0.313 / 0.296 at 700; stopped)
            Probe (600 steps, 5k bank, 1000 eval): stronger colour jitter (0.8, 0.8, 0.4, 0.2) p 0.8 with
            greyscale 0.4: 0.209 (300) / 0.222 (600) vs 0.229 / 0.247 for this config (worse).
 Session 5: (5000-image bank) 6 local crops 0.118 -> 0.251 -> 0.257 (+13.9); 10 local crops +16.4 (this
