@@ -3,17 +3,25 @@
 Command:   lvm-train --config configs/dinov2_synthetic.py --workdir runs/dinov2_synthetic
 Hardware:  2 CPU cores (any host); also runs unchanged on any GPU/TPU mesh.
 Time:      7 min 41 s wall on 2 QUIET CPU cores (2026-11-27, /usr/bin/time, 187% CPU, peak RSS 2.0 GB;
-           compile, 3 evals with the linear probe and the pictures included; ~215 img/s median).
+           compile, 3 evals with the linear probe and the pictures included; ~215 img/s median; measured
+           with ibot.loss_weight 1, which does not change the work per step).
 Goal:      knn_top1 (k=20, T=0.07, teacher CLS, 10 shape classes, the whole 20k-image train split as the
            memory bank, 5000 eval images) >= 0.2 above step 0 at the end, no collapse (monitors in
            metrics.jsonl, see train/tasks/dinov2.py).
-Measured:  NOT met (session 6, 2026-11-27), no collapse: knn_top1 0.123 (step 0) -> 0.313 (700) -> 0.322 (1400), +19.8
-           points (goal +20); seed 1: 0.140 -> 0.296 -> 0.317, +17.7. linear_top1 0.223 -> 0.363 -> 0.363
-           (linear_top1_cls 0.168 -> 0.276 -> 0.279). Monitors from step 150 on (51 logs): teacher_row_entropy
-           0.97-3.10 (ceiling 0.9 ln 64 = 3.74), teacher_entropy >= 3.78 (floor 1.0), teacher / student
-           feature std >= 0.976 / 0.950 (floor 0.1); no health warning; at 1400 dino_loss 3.17, ibot_loss 1.29.
-           Two evaluation changes this session, training unchanged from session 5 (so every run below
-           is the same training, re-read): (1) eval.train_subset 5000 -> 0: the k-NN memory bank is the
+Measured:  MET (session 6, 2026-11-27), both seeds, no collapse: knn_top1 0.123 (step 0) -> 0.326 (700)
+           -> 0.337 (1400), +21.3 points; seed 1 (--config.seed=1): 0.140 -> 0.324 -> 0.352, +21.2.
+           linear_top1 0.223 -> 0.376 -> 0.382 (linear_top1_cls 0.168 -> 0.281 -> 0.293); seed 1 0.400 at the
+           end. Monitors from step 150 on (51 logs, both seeds): teacher_row_entropy 0.99-2.84 (ceiling
+           0.9 ln 64 = 3.74), teacher_entropy >= 3.78 (floor 1.0), teacher / student feature std >= 0.952 /
+           0.933 (floor 0.1); no health warning; at 1400 dino_loss 3.31, ibot_loss 1.19.
+           The change that met it: ibot.loss_weight 2 (the recipe's 1). With weight 1 (the session-5
+           training) the same evaluation gave +19.8 (0.123 -> 0.313 -> 0.322) and +17.7 (seed 1: 0.140 ->
+           0.296 -> 0.317); with dino.loss_weight 2 instead, 0.268 / 0.256 at 700 (worse). The masked-patch
+           objective is what teaches this small backbone shape: the linear probe on CLS + mean patch
+           always beat CLS alone (0.36 vs 0.28), and weighting it up lifts the CLS token too.
+           The margin is ~1.2 points over the goal on 5000 eval images (standard error of one accuracy
+           ~0.7 points): met for both seeds tried, not by much.
+           Two evaluation changes this session (the table re-reads session 5's training, iBOT weight 1): (1) eval.train_subset 5000 -> 0: the k-NN memory bank is the
            whole train split, the protocol of DINO / DINOv2 and of configs/dinov2_vits14_in1k.py; the
            random-quarter bank under-reported learned features (a bigger bank finds more same-class
            neighbours that also share the nuisances; a random feature gains nothing). (2)
@@ -23,16 +31,17 @@ Measured:  NOT met (session 6, 2026-11-27), no collapse: knn_top1 0.123 (step 0)
                                         seed 0                      seed 1
              5k bank,  1000 eval        0.118 -> 0.282  +16.4       -
              20k bank, 1000 eval        0.101 -> 0.333  +23.2       0.135 -> 0.324  +18.9
-             20k bank, 5000 eval        0.123 -> 0.322  +19.8       0.140 -> 0.317  +17.7   (this config)
+             20k bank, 5000 eval        0.123 -> 0.322  +19.8       0.140 -> 0.317  +17.7   (this eval)
            With the 1000-image eval the default printed +23.2 (seed 0); the 5000-image eval shows that was
-           the eval split's luck: the trained features plateau at knn_top1 ~0.32 here whatever was tried.
-           Full-length variants (20k bank, 5000 eval, knn_top1 at the end; step 0 0.123 / 0.140):
+           the eval split's luck: with iBOT weight 1 the features plateau at knn_top1 ~0.32.
+           Full-length variants, iBOT weight 1 (20k bank, 5000 eval, knn_top1 at the end; step 0 0.123 / 0.140):
              batch 128 x 1000 steps, 10 local crops     seed 0 0.325 (+20.2), seed 1 0.318 (+17.8)
              14 local crops (1400 steps, batch 64)      seed 0 0.317 (+19.4), seed 1 0.305 (+16.4)
-             dino.loss_weight 2 (iBOT 1)                seed 0 0.268, seed 1 0.256 at 700 (this config:
+             dino.loss_weight 2 (iBOT 1)                seed 0 0.268, seed 1 0.256 at 700 (iBOT 1:
                                                         0.313 / 0.296 at 700; stopped)
+                        ibot.loss_weight 2 (THIS CONFIG)            seed 0 0.337 (+21.3), seed 1 0.352 (+21.2)
            Probe (600 steps, 5k bank, 1000 eval): stronger colour jitter (0.8, 0.8, 0.4, 0.2) p 0.8 with
-           greyscale 0.4: 0.209 (300) / 0.222 (600) vs 0.229 / 0.247 for this config (worse).
+           greyscale 0.4: 0.209 (300) / 0.222 (600) vs 0.229 / 0.247 with the recipe's (worse).
 Session 5: (5000-image bank) 6 local crops 0.118 -> 0.251 -> 0.257 (+13.9); 10 local crops +16.4 (this
            config); batch 128 x 1000 steps with 6 local crops 0.273 (500) -> 0.286 (1000) (+16.8, ~1.4x
            the images); 100k instead of 20k training images 0.214 at 700 (stopped).
@@ -66,6 +75,7 @@ split, 1024 prototypes and lr 1e-3 unless stated):
     the uniform output (DINO's sharpening vs centring balance).
   * LayerScale 0.1 and teacher momentum 0.95 (-> 1, cosine): as session 3 found, 1e-5 gives every
     image the same CLS token at init and 0.992 keeps that teacher for ~100 steps.
+  * iBOT loss weight 2 (session 6, measured above with the whole-train-split bank).
   * The recipe's colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, greyscale 0.2, no solarisation; the
     earlier stronger jitter (hue 0.5, greyscale 0.4) only ever made the targets unpredictable.
   * 64 prototypes (DINO and iBOT) and lr 2e-3. With a batch of 64 (128 teacher rows per
@@ -190,7 +200,8 @@ def get_config(arg=None):
         center_momentum=0.9, sinkhorn_iterations=3,
         koleo_loss_weight=0.1, koleo_num_groups=0,  # 0: per data-parallel slice, as the reference per GPU
     ))
-    c.ibot = ml_collections.ConfigDict(dict(loss_weight=1.0, mask_ratio=(0.1, 0.5), mask_probability=0.5))
+    # iBOT weight 2 (the recipe: 1): +21.3 / +21.2 k-NN points (seeds 0 / 1) vs +19.8 / +17.7, see the docstring.
+    c.ibot = ml_collections.ConfigDict(dict(loss_weight=2.0, mask_ratio=(0.1, 0.5), mask_probability=0.5))
     c.teacher = ml_collections.ConfigDict(dict(
         momentum=0.95, final_momentum=1.0, warmup_temp=0.02, temp=0.02, temp_warmup_steps=150))
 
