@@ -32,10 +32,14 @@ def _raised_by_us(error: BaseException) -> bool:
 def run_cli(fn: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
     """Runs `fn(argv)`; a `UserError` (or a missing file) prints `error: ...` and exits 2.
 
-    Set LVM_DEBUG=1 to get the full traceback instead.
+    Set LVM_DEBUG=1 to get the full traceback instead. The host allocator is set
+    first (lvm_jax/host_memory.py: $LVM_JAX_HOST_MALLOC, default 'retain').
     """
+    from lvm_jax.host_memory import configure_host_allocator
+
     argv = sys.argv[1:] if argv is None else argv
     try:
+        configure_host_allocator()
         return int(fn(argv) or 0)
     except (UserError, FileNotFoundError, ValueError) as e:
         if os.environ.get("LVM_DEBUG") or not _raised_by_us(e):

@@ -248,6 +248,9 @@ def test_cli_json_schema_with_torch(tmp_path, capsys):
   (ratio,) = payload["ratios"]
   assert ratio["ratio"] == pytest.approx(jax_row["img_per_s"] / torch_row["img_per_s"], rel=1e-3)
   assert payload["env"]["backend"] == "cpu"
+  # lvm-bench sets the host allocator before anything runs and says which setting ran.
+  assert payload["env"]["host_malloc"].split(":")[0] in ("retain", "system")
+  assert "host allocator: " in text
 
 
 def test_missing_torch_module_is_one_clear_message(monkeypatch):

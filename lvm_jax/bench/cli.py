@@ -110,9 +110,14 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from lvm_jax.host_memory import configure_host_allocator
+
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    # Before JAX allocates anything: XLA:CPU's large step buffers stay mapped between steps
+    # (lvm_jax/host_memory.py); the same setting covers PyTorch under --compare torch.
+    configure_host_allocator()
     validate(args)
     if args.suite:
       from lvm_jax.bench.suite import run_suite
@@ -246,6 +251,8 @@ def print_report(payload: dict[str, Any]) -> None:
   if env:
     print(f"device: {env.get('device_kind')} x{env.get('device_count')} ({env.get('backend')}), "
           f"jax {env.get('jax')}, load average {env.get('load_average')}")
+    if env.get("host_malloc"):
+      print(f"host allocator: {env['host_malloc']} (LVM_JAX_HOST_MALLOC)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lvm_jax import host_memory
+
 SCHEMA = "lvm-bench/1"
 
 # Dense peak TFLOP/s per chip: (bfloat16, float32). GPU float32 is the TF32
@@ -189,6 +191,7 @@ def environment() -> dict[str, Any]:
       "cpu_count": os.cpu_count(),
       "load_average": load_average(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "host_malloc": host_memory.applied(),
   }
   from lvm_jax.models import perf
 

@@ -1,0 +1,86 @@
+"""Host allocator setting that stops XLA:CPU from re-faulting its large buffers on every step.
+
+XLA:CPU allocates each step's outputs and temporaries with the C library's
+`malloc`. glibc serves every block above its mmap threshold (at most 32 MiB)
+with a fresh `mmap` and gives it back with `munmap` when it is freed, and it
+trims the heap's free top back to the OS: so a step whose activations are tens
+of MB per buffer pays a page fault and a kernel zero-fill for every 4 KiB of
+them, every step. On the 2-core CPU machine that made the ViT-S/16 MLP's
+`[6304, 384] x [384, 1536]` forward dot (a 38.7 MB output) take 25-27 ms
+instead of 15 ms -- the "cliff above 1152 output columns" of earlier notes --
+and the whole f32 b32 training step 3442 -> 3195 ms (docs/benchmarks.md).
+
+`configure_host_allocator('retain')` tells glibc (mallopt) to serve large
+blocks from the heap and keep freed memory for reuse: the next step's buffers
+land on pages that are already mapped. The cost is that the process keeps its
+peak heap instead of returning it to the OS between steps (the RSS peak does
+not change: 6.84 -> 7.02 GB for the step above). The setting is process-wide,
+so the library never applies it on import; the command-line tools (lvm-train,
+lvm-eval, lvm-bench) apply it at start, and `LVM_JAX_HOST_MALLOC=system`
+turns it off. On other C libraries (musl, macOS) it is a no-op that says so.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+ENV = "LVM_JAX_HOST_MALLOC"
+MODES = ("retain", "system")
+
+# glibc <malloc.h> mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+# Largest trim threshold mallopt takes (an int): a free heap top above 2 GiB is still given back.
+_TRIM_THRESHOLD_MAX = 2**31 - 1
+
+_applied: str | None = None  # what the last call did (reported by lvm-bench)
+
+
+def _glibc() -> ctypes.CDLL | None:
+  """The process's C library when it is glibc (has mallopt and gnu_get_libc_version), else None."""
+  name = ctypes.util.find_library("c")
+  if not name:
+    return None
+  try:
+    libc = ctypes.CDLL(name)
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    libc.gnu_get_libc_version()
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+  except (OSError, AttributeError):
+    return None
+  return libc
+
+
+def configure_host_allocator(mode: str | None = None) -> str:
+  """Applies host allocator `mode` to this process and returns a one-line description of what was done.
+
+  mode: 'retain' (large blocks from the heap, freed memory kept for reuse) or
+  'system' (leave the C library's defaults); None reads $LVM_JAX_HOST_MALLOC,
+  default 'retain'. Call it early, before the first large allocation; the
+  setting lasts for the rest of the process ('system' after 'retain' does
+  not undo it).
+  """
+  global _applied
+  if mode is None:
+    mode = os.environ.get(ENV, "").strip() or "retain"
+  if mode not in MODES:
+    raise ValueError(f"{ENV}={mode!r} is not a valid host allocator mode; set it to one of {MODES} or unset it.")
+  if mode == "system":
+    _applied = "system: C library defaults"
+    return _applied
+  libc = _glibc()
+  if libc is None:
+    _applied = "system: not glibc, so 'retain' does not apply"
+    return _applied
+  ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX) == 1
+  version = libc.gnu_get_libc_version().decode()
+  _applied = f"retain: glibc {version} mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else \
+      f"system: glibc {version} refused mallopt"
+  return _applied
+
+
+def applied() -> str | None:
+  """What the last `configure_host_allocator` call did in this process, or None if it was never called."""
+  return _applied

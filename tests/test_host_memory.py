@@ -1,0 +1,72 @@
+"""lvm_jax.host_memory: the glibc allocator setting the command-line tools apply at start."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lvm_jax import host_memory
+
+# Runs in a fresh interpreter (the setting is process-wide and one-way): applies MODE, then mallocs a
+# 64 MiB block and reports how many bytes glibc holds in mmap'd blocks while it is live.
+_PROBE = """
+import ctypes, json, sys
+from lvm_jax import host_memory
+done = host_memory.configure_host_allocator(sys.argv[1])
+libc = ctypes.CDLL("libc.so.6")
+class Mallinfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                             "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(64 << 20)
+during = libc.mallinfo2().hblkhd
+libc.free(block)
+print(json.dumps({"done": done, "mmapped_growth": during - before}))
+"""
+
+
+def _glibc_with_mallinfo2() -> bool:
+  libc = host_memory._glibc()
+  return libc is not None and hasattr(libc, "mallinfo2")
+
+
+def _probe(mode: str) -> dict:
+  out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallopt, mallinfo2)")
+def test_retain_serves_large_blocks_from_the_heap_and_system_does_not():
+  system = _probe("system")
+  assert system["done"].startswith("system")
+  assert system["mmapped_growth"] >= 64 << 20, system  # glibc's default: a 64 MiB block is its own mmap
+  retain = _probe("retain")
+  assert retain["done"].startswith("retain: glibc"), retain
+  assert retain["mmapped_growth"] == 0, retain  # from the heap: its pages stay mapped after free
+
+
+def test_bad_mode_is_one_clear_sentence(monkeypatch):
+  monkeypatch.setenv(host_memory.ENV, "mmap")
+  with pytest.raises(ValueError, match=r"LVM_JAX_HOST_MALLOC='mmap' is not a valid host allocator mode; set it"):
+    host_memory.configure_host_allocator()
+
+
+def test_env_selects_the_mode_and_applied_reports_it(monkeypatch):
+  monkeypatch.setenv(host_memory.ENV, "system")
+  assert host_memory.configure_host_allocator() == "system: C library defaults"
+  assert host_memory.applied() == "system: C library defaults"
+
+
+def test_command_line_tools_apply_it_and_report_a_bad_value(monkeypatch, capsys):
+  from lvm_jax.cli import run_cli
+
+  monkeypatch.setenv(host_memory.ENV, "system")
+  assert run_cli(lambda argv: 0 if host_memory.applied().startswith("system") else 1, []) == 0
+  monkeypatch.setenv(host_memory.ENV, "bogus")
+  assert run_cli(lambda argv: 0, []) == 2
+  assert "LVM_JAX_HOST_MALLOC='bogus' is not a valid host allocator mode" in capsys.readouterr().err
