@@ -8,13 +8,13 @@ of MB per buffer pays a page fault and a kernel zero-fill for every 4 KiB of
 them, every step. On the 2-core CPU machine that made the ViT-S/16 MLP's
 `[6304, 384] x [384, 1536]` forward dot (a 38.7 MB output) take 25-27 ms
 instead of 15 ms -- the "cliff above 1152 output columns" of earlier notes --
-and the whole f32 b32 training step 3442 -> 3195 ms (docs/benchmarks.md).
+and the whole f32 b32 training step 3442 -> 3147-3161 ms (docs/benchmarks.md).
 
 `configure_host_allocator('retain')` tells glibc (mallopt) to serve large
 blocks from the heap and keep freed memory for reuse: the next step's buffers
 land on pages that are already mapped. The cost is that the process keeps its
-peak heap instead of returning it to the OS between steps (the RSS peak does
-not change: 6.84 -> 7.02 GB for the step above). The setting is process-wide,
+peak heap instead of returning it to the OS between steps (the RSS peak barely
+moves: 6.84 -> 7.08 GB for the step above). The setting is process-wide,
 so the library never applies it on import; the command-line tools (lvm-train,
 lvm-eval, lvm-bench) apply it at start, and `LVM_JAX_HOST_MALLOC=system`
 turns it off. On other C libraries (musl, macOS) it is a no-op that says so.

@@ -37,8 +37,9 @@ SWITCHES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "LVM_JAX_SEQ_PAD": (("per_call", "once"), {}),
     # Pre-LN blocks: (xhat * scale + bias) @ W as xhat @ (scale W) + bias W, no [rows, D] broadcast
     # multiply-add forward nor the two [rows, D] reductions backward. XLA:CPU, ViT-S/16 f32 b32 train,
-    # both steps in one process, interleaved (2026-11-27): folded 0.957x of separate, so not the
-    # CPU default; not yet measured on a GPU (scripts/gpu_ab.py tries it first).
+    # both steps in one process, interleaved (2026-11-27): folded 0.957x of separate (0.977x in
+    # separate processes once lvm_jax/host_memory.py kept buffers mapped), so not the CPU default;
+    # not yet measured on a GPU (scripts/gpu_ab.py tries it first).
     "LVM_JAX_LN_AFFINE": (("separate", "folded"), {}),
 }
 
