@@ -35,12 +35,13 @@ BASE_ARGS = ["--model", "vit", "--variant", "B/16", "--batch", "256", "--res", "
 # The A/B baseline: the GPU defaults of lvm_jax/models/perf.py as of 2026-11-27 (set explicitly, so a
 # row means the same thing whatever the defaults become).
 DEFAULTS = {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "fused", "LVM_JAX_PATCH_EMBED": "matmul",
-            "LVM_JAX_SEQ_PAD": "per_call", "LVM_JAX_LN_AFFINE": "separate"}
+            "LVM_JAX_SEQ_PAD": "per_call", "LVM_JAX_LN_AFFINE": "separate", "LVM_JAX_GELU": "autodiff"}
 # (name, env changes) tried one at a time against the baseline, most promising first. Measured
 # 2026-11-27 on an H200 against separate q/k/v + conv patchify: fused q/k/v 1.048x, matmul patchify
 # 1.016x, LayerNorm autodiff 1.008x then 1.000x, --xla_gpu_enable_triton_gemm=false 0.995x.
 SINGLE = [
     ("ln_affine=folded", {"LVM_JAX_LN_AFFINE": "folded"}),
+    ("gelu=recompute", {"LVM_JAX_GELU": "recompute"}),
     ("layernorm=pallas", {"LVM_JAX_LAYERNORM": "pallas"}),
     ("seq_pad=once", {"LVM_JAX_SEQ_PAD": "once"}),
     ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"}),
@@ -56,8 +57,9 @@ CPU_PRESET = dict(
     BASE_ARGS=["--model", "vit", "--variant", "S/16", "--batch", "32", "--res", "224", "--mode", "train",
                "--dtype", "float32", "--attention", "xla", "--steps", "5", "--warmup", "1"],
     DEFAULTS={"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate", "LVM_JAX_PATCH_EMBED": "conv",
-              "LVM_JAX_SEQ_PAD": "per_call", "LVM_JAX_LN_AFFINE": "separate"},
+              "LVM_JAX_SEQ_PAD": "per_call", "LVM_JAX_LN_AFFINE": "separate", "LVM_JAX_GELU": "autodiff"},
     SINGLE=[("ln_affine=folded", {"LVM_JAX_LN_AFFINE": "folded"}), ("qkv=fused", {"LVM_JAX_QKV": "fused"}),
+            ("gelu=recompute", {"LVM_JAX_GELU": "recompute"}),
             ("patch_embed=matmul", {"LVM_JAX_PATCH_EMBED": "matmul"}),
             ("layernorm=autodiff", {"LVM_JAX_LAYERNORM": "autodiff"})],
     FLAG_VARIANTS=[("xla: YNNPACK dot fusions only", {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
@@ -293,7 +295,8 @@ def main() -> int:
   p.add_argument("--variants-child", help=argparse.SUPPRESS)
   p.add_argument("--child-out", help=argparse.SUPPRESS)
   p.add_argument("--preset", choices=("gpu", "cpu"), default="gpu",
-                 help="gpu: ViT-B/16 bf16 b256 (default); cpu: ViT-S/16 float32 b32, the CPU defaults and XLA:CPU flags")
+                 help="gpu: ViT-B/16 bf16 b256 (default); "
+                      "cpu: ViT-S/16 float32 b32, the CPU defaults and XLA:CPU flags")
   p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script (ViT-Ti/16, 64 px, b8)")
   args = p.parse_args()
   if args.preset == "cpu" or os.environ.get("LVM_AB_PRESET") == "cpu":  # children inherit the variable
@@ -403,7 +406,9 @@ def main() -> int:
   print("winning switches:", winners or "none")
   if args.preset == "cpu":
     print("CPU: compare img/s. An in-process row's MFU divides by a matmul probe timed inside that long-lived "
-          "process, which runs slower after the first variants (seen 2026-11-27), so it reads too high.")
+          "process, which runs slower after the first variants (seen 2026-11-27), so it reads too high. "
+          "In-process rows are +-3-5% apart even for one configuration built twice (1.029x, 2026-11-27): "
+          "confirm a CPU win with separate processes, alternated, before changing a default.")
   return 0
 
 

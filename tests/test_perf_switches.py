@@ -74,7 +74,7 @@ def test_cpu_defaults_and_recorded_values(monkeypatch):
   assert jax.default_backend() == "cpu"
   assert perf.current() == {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate",
                             "LVM_JAX_PATCH_EMBED": "conv", "LVM_JAX_SEQ_PAD": "per_call",
-                            "LVM_JAX_LN_AFFINE": "separate"}
+                            "LVM_JAX_LN_AFFINE": "separate", "LVM_JAX_GELU": "autodiff"}
   monkeypatch.setenv("LVM_JAX_QKV", "fused")
   assert perf.current()["LVM_JAX_QKV"] == "fused"
 
@@ -212,3 +212,27 @@ def test_folding_a_layer_norm_into_cross_attention_is_one_clear_error():
   params = attn.init(jax.random.PRNGKey(0), q, kv)
   with pytest.raises(ValueError, match="needs self-attention"):
     attn.apply(params, q, kv, input_affine=(jnp.ones(8), jnp.zeros(8)))
+
+
+def test_gelu_recompute_matches_the_formula_and_autodiff_in_value_and_gradient(monkeypatch):
+  """'recompute' writes GELU's derivative out by hand (cdf + x pdf): check it against NumPy's erf-free
+  closed form and against autodiff of the same function, over the tails and around 0, in float64."""
+  from scipy.special import erf
+
+  from lvm_jax.models.layers import gelu
+
+  x = np.concatenate([np.linspace(-9.0, 9.0, 181), [0.0, -1e-4, 1e-4, -40.0, 40.0]])
+  expect = x * 0.5 * (1.0 + erf(x / np.sqrt(2.0)))
+  expect_grad = 0.5 * (1.0 + erf(x / np.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+  with jax.enable_x64():
+    results = {}
+    for mode in ("autodiff", "recompute"):
+      monkeypatch.setenv("LVM_JAX_GELU", mode)
+      xs = jnp.asarray(x, jnp.float64)
+      value, grad = jax.vmap(jax.value_and_grad(gelu))(xs)
+      jit_grad = jax.jit(jax.grad(lambda v: jnp.sum(gelu(v) * jnp.cos(v))))(xs)
+      results[mode] = (np.asarray(value), np.asarray(grad), np.asarray(jit_grad))
+      np.testing.assert_allclose(value, expect, rtol=1e-12, atol=1e-14, err_msg=mode)
+      np.testing.assert_allclose(grad, expect_grad, rtol=1e-12, atol=1e-14, err_msg=mode)
+  for a, b in zip(results["recompute"], results["autodiff"]):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
