@@ -215,8 +215,8 @@ def test_folding_a_layer_norm_into_cross_attention_is_one_clear_error():
 
 
 def test_gelu_recompute_matches_the_formula_and_autodiff_in_value_and_gradient(monkeypatch):
-  """'recompute' writes GELU's derivative out by hand (cdf + x pdf): check it against NumPy's erf-free
-  closed form and against autodiff of the same function, over the tails and around 0, in float64."""
+  """'recompute' writes GELU's derivative out by hand (cdf + x pdf): check it against the closed form
+  (scipy's erf) and against autodiff of the same function, over the tails and around 0, in float64."""
   from scipy.special import erf
 
   from lvm_jax.models.layers import gelu
