@@ -175,7 +175,7 @@ def test_student_learns_to_match_its_teacher_on_easy_views():
     """The DINO CLS path can learn: teacher == student (momentum 0), two nearly identical views, no
     local crops, no colour/blur, no iBOT/KoLeo. The CE must fall well below ln K (a uniform student),
     on held-out batches, within 40 steps. It stayed at ln K when the student/teacher wiring was wrong
-    and stays there when the teacher's targets are unpredictable (see configs/dinov2_synthetic.py)."""
+    and stays there when the teacher's targets are unpredictable (see docs/dinov2_synthetic.md)."""
     config = tiny_dinov2_config(**{
         "teacher.momentum": 0.0, "teacher.final_momentum": 0.0, "teacher.temp_warmup_steps": 10,
         "data.crops.num_local_crops": 0, "data.crops.global_scale": (0.9, 1.0), "data.crops.jitter_p": 0.0,
