@@ -13,12 +13,12 @@ Measured:  MET (sessions 6 and 7, 2026-11-27), no collapse: knn_top1 0.123 (step
            0.99-2.84 (ceiling 0.9 ln 64 = 3.74), teacher_entropy >= 3.78 (floor 1.0), teacher / student
            feature std >= 0.952 / 0.933 (floor 0.1).
 Margin:    THIN. The standard error of one accuracy is ~0.7 points, and runs that differ only in float
-           rounding (or seed) spread by 2-3 points: with LVM_JAX_GELU=recompute (the same function, gradients
-           equal to ~2e-7 relative) this config ends at +19.4 (seed 0) and +18.9 (seed 1). Variants
-           tried for margin (session 8: width 192, depth 3, iBOT on every global crop, KoLeo 0.3, lr
-           1e-3 / 3e-3, no drop path, a separate iBOT head; session 7: iBOT weight 3, 1800 steps) land
-           at +16.1 to +21.3 on the hardest case; the separate iBOT head has the best mean (+24.1,
-           +24.6, +21.3, +16.3 over seeds 0 / 1 x both GELUs) but not the smallest spread. Every run and
+           rounding (or seed) spread by 2-3 points: with LVM_JAX_GELU=recompute (the same function,
+           gradients equal to ~2e-7 relative) this config ends at +19.4 (seed 0) and +18.9 (seed 1).
+           Variants tried for margin (session 8: width 192, depth 3, iBOT on every global crop, KoLeo 0.3,
+           lr 1e-3 / 3e-3, no drop path, a separate iBOT head; session 7: iBOT weight 3, 1800 steps) land
+           at +16.1 to +21.3 on the hardest case; the separate iBOT head has the best mean (seed 0: +24.1
+           recompute / +24.6 autodiff; seed 1: +21.3 / +16.3) but not the smallest spread. Every run and
            probe, and why the recipe deviates where it does: docs/dinov2_synthetic.md.
 
 Every ingredient of the DINOv2 recipe is on (multi-crop, DINO + iBOT + KoLeo, Sinkhorn-Knopp, EMA
