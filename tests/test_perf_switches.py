@@ -74,7 +74,7 @@ def test_cpu_defaults_and_recorded_values(monkeypatch):
   assert jax.default_backend() == "cpu"
   assert perf.current() == {"LVM_JAX_LAYERNORM": "custom_vjp", "LVM_JAX_QKV": "separate",
                             "LVM_JAX_PATCH_EMBED": "conv", "LVM_JAX_SEQ_PAD": "per_call",
-                            "LVM_JAX_LN_AFFINE": "separate", "LVM_JAX_GELU": "autodiff"}
+                            "LVM_JAX_LN_AFFINE": "separate", "LVM_JAX_GELU": "recompute"}
   monkeypatch.setenv("LVM_JAX_QKV", "fused")
   assert perf.current()["LVM_JAX_QKV"] == "fused"
 
