@@ -177,11 +177,12 @@ def kernel_kind(name: str) -> str:
   n = name.lower()
   if any(s in n for s in ("fmha", "flash", "cudnn", "attention", "sdpa")):
     return "attention (cuDNN)"
-  if any(s in n for s in ("gemm", "cutlass", "xmma", "cublas", "nvjet", "matmul", "sm90_", "triton_gemm", "dot")):
+  if any(s in n for s in ("gemm", "cutlass", "xmma", "cublas", "nvjet", "matmul", "sm90_", "triton_gemm", "dot",
+                          "ynn_fusion")):  # XLA:CPU hands dots (with fused neighbours) to YNNPACK
     return "gemm"
   if "conv" in n:
     return "conv"
-  if any(s in n for s in ("memcpy", "memset", "copy")):
+  if any(s in n for s in ("memcpy", "memset", "copy", "transpose")):
     return "copy/memset"
   if "reduce" in n or "reduction" in n:
     return "reduction fusion"
@@ -190,8 +191,17 @@ def kernel_kind(name: str) -> str:
   return "other"
 
 
+# XLA:CPU worker-thread events that are not HLO ops: the executor's own spans (they contain the ops),
+# thread-pool waits and the end markers of asynchronous ops.
+CPU_BOOKKEEPING = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
+
+
 def summarize_trace(path: str, steps: int) -> dict[str, Any]:
-  """Per-kernel and per-kind GPU time per step from a perfetto/chrome trace (json.gz)."""
+  """Per-kernel and per-kind GPU time per step from a perfetto/chrome trace (json.gz).
+
+  A trace without a GPU (--preset cpu) is read from XLA:CPU's worker threads instead: one event
+  per HLO op (thunk), summed over the threads, so "busy" can exceed the step's wall time.
+  """
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -204,6 +214,13 @@ def summarize_trace(path: str, steps: int) -> dict[str, Any]:
   # "XLA Modules") that cover the same time again: kernels come from the stream lines only.
   streams = {key for key, n in tnames.items() if n.lower().startswith("stream")}
   op_lines = {key for key, n in tnames.items() if "xla ops" in n.lower()}
+  cpu_only = not gpu_pids
+  if cpu_only:
+    gpu_pids = set(pnames)
+    tnames = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    streams = {key for key, n in tnames.items() if n.startswith("tf_XLAEigen")}
+    op_lines = set()
   by_name: dict[str, float] = defaultdict(float)
   by_op: dict[str, float] = defaultdict(float)
   count: dict[str, int] = defaultdict(int)
@@ -216,6 +233,8 @@ def summarize_trace(path: str, steps: int) -> dict[str, Any]:
       by_op[name[:120]] += dur
       continue
     if streams and key not in streams:
+      continue
+    if cpu_only and name.startswith(CPU_BOOKKEEPING):
       continue
     by_name[name] += dur
     count[name] += 1
@@ -240,12 +259,13 @@ def profile_main(out: str) -> None:
   import jax
 
   from lvm_jax import sharding
+  from lvm_jax.bench import cli
   from lvm_jax.bench import jax_workloads as J
 
-  spec = J.Spec(model="vit", variant="B/16", batch=256, res=224, mode="train", dtype="bfloat16",
-                attention="cudnn")
-  if os.environ.get("LVM_AB_SMOKE"):
-    spec = J.Spec(model="vit", variant="Ti/16", batch=8, res=64, mode="train", dtype="float32")
+  # BASE_ARGS: the preset's workload (GPU ViT-B/16 bf16 cuDNN, CPU ViT-S/16 f32 XLA, or --smoke's).
+  args = cli.build_parser().parse_args(BASE_ARGS)
+  cli.validate(args)
+  spec = cli.spec_from_args(args)
   workload = J.build(spec, sharding.make_mesh(spec.mesh_dict))
   for _ in range(3):
     workload.run()

@@ -399,3 +399,47 @@ def test_gpu_ab_profile_summary_counts_stream_kernels_once(tmp_path):
                                             "elementwise fusion": 0.025}
   assert summary["top_hlo_ops_ms_per_step"] == {"fusion.1": 0.25}
   assert summary["kernel_launches_per_step"] == 2.0
+
+
+def test_gpu_ab_profile_summary_reads_a_cpu_trace_from_the_xla_worker_threads(tmp_path):
+  """--preset cpu: with no GPU in the trace, the HLO ops on XLA:CPU's worker threads are summed (YNNPACK
+  fusions as dots, transposes as copies); the executor's own spans, pool waits and python are not."""
+  import gzip
+  import importlib.util
+  from pathlib import Path
+
+  spec = importlib.util.spec_from_file_location("gpu_ab", Path(__file__).parents[1] / "scripts" / "gpu_ab.py")
+  gpu_ab = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gpu_ab)
+  meta = lambda kind, tid, name: {"ph": "M", "name": kind, "pid": 1, "tid": tid, "args": {"name": name}}  # noqa: E731
+  op = lambda tid, ts, dur, name: {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}  # noqa: E731
+  events = [meta("process_name", 0, "/host:CPU"), meta("thread_name", 3, "tf_XLAEigen/123"),
+            meta("thread_name", 4, "tf_XLAEigen/456"), meta("thread_name", 5, "python"),
+            op(3, 0, 1000, "ThunkExecutor::Execute"), op(3, 0, 600, "ynn_fusion.12"),
+            op(3, 600, 200, "transpose_copy_fusion.3"), op(4, 100, 300, "ynn_fusion.13"),
+            op(4, 400, 50, "SlinkyThreadPool::Await"), op(4, 450, 100, "add_multiply_fusion.2"),
+            op(4, 550, 1, "end: ynn_fusion.13"), op(5, 0, 5000, "run")]
+  path = tmp_path / "trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  summary = gpu_ab.summarize_trace(str(path), steps=1)
+  assert summary["by_kind_ms_per_step"] == {"gemm": 0.9, "copy/memset": 0.2, "elementwise fusion": 0.1}
+  assert summary["gpu_busy_ms_per_step"] == 1.2
+  assert summary["kernel_launches_per_step"] == 4.0
+
+
+def test_gpu_ab_cpu_profile_stage_runs_end_to_end(tmp_path):
+  """`scripts/gpu_ab.py --preset cpu --stages profile` (here with --smoke's tiny ViT) builds the preset's
+  step -- XLA attention, not the GPU preset's cuDNN -- traces it and writes a summary with dots in it."""
+  import os
+  import subprocess
+  from pathlib import Path
+
+  script = Path(__file__).parents[1] / "scripts" / "gpu_ab.py"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("LVM_AB_")}  # no preset leaking in
+  proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--smoke", "--preset", "cpu",
+                         "--stages", "profile"], capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  summary = json.loads((tmp_path / "profile_summary.json").read_text())
+  assert summary["by_kind_ms_per_step"].get("gemm", 0.0) > 0.0, summary["by_kind_ms_per_step"]
+  assert summary["span_ms_per_step"] > 0.0

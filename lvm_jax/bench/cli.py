@@ -140,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def spec_from_args(args: argparse.Namespace):
+  """The workload `Spec` (lvm_jax.bench.jax_workloads) that validated command-line `args` describe."""
+  from lvm_jax.bench import jax_workloads as J
+
+  return J.Spec(model=args.model, variant=args.variant, batch=args.batch, res=args.res, mode=args.mode,
+                dtype=args.dtype, mesh=args.mesh_spec, remat=args.remat, attention=args.attention,
+                scan_layers=args.scan_layers, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Builds, times and summarises the requested benchmark; returns the JSON payload."""
   import jax
@@ -148,9 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from lvm_jax.bench import jax_workloads as J
   from lvm_jax.bench import measure as M
 
-  spec = J.Spec(model=args.model, variant=args.variant, batch=args.batch, res=args.res, mode=args.mode,
-                dtype=args.dtype, mesh=args.mesh_spec, remat=args.remat, attention=args.attention,
-                scan_layers=args.scan_layers, seed=args.seed)
+  spec = spec_from_args(args)
   payload: dict[str, Any] = {"schema": M.SCHEMA, "spec": _spec_dict(spec), "results": [], "ratios": []}
   if args.model == "data":
     workloads = [J.build_data(spec, workers=args.workers)]
