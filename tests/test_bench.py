@@ -84,11 +84,11 @@ TINY_VIT = dict(variant=None, width=64, depth=2, num_heads=4, mlp_dim=256, patch
 
 def attention_recompute(dims: F.TowerDims, batch: int, q_len: int, kv_len: int | None = None, blocks: int | None = None) -> int:
   """Dots the training step runs beyond the model FLOPs: the unmasked attention's backward recomputes
-  QK^T (flash-attention style) and takes one [B, N, T] row sum as a dot (lvm_jax.models.layers)."""
+  QK^T (flash-attention style; lvm_jax.models.layers)."""
   kv_len = q_len if kv_len is None else kv_len
   inner = dims.num_heads * dims.head_dim
   blocks = dims.depth if blocks is None else blocks
-  return blocks * (2 * batch * q_len * kv_len * inner + 2 * batch * q_len * inner)
+  return blocks * 2 * batch * q_len * kv_len * inner
 
 
 def _ce_grad(model, params, images, labels):

@@ -309,44 +309,59 @@ def even_length_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
   return out[:, :q_len]
 
 
-def _attention_core(q: Array, k: Array, v: Array) -> Array:
-  """softmax(q k^T / sqrt(H)) v as jax.nn's XLA path computes it: float32 logits and softmax."""
-  scale = 1.0 / np.sqrt(q.shape[-1])
-  logits = jnp.einsum("btnh,bsnh->bnts", q * jnp.asarray(scale, q.dtype), k,
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+def _to_heads(x: Array) -> Array:
+  """`[B, T, N, H]` <-> `[B, N, T, H]` (its own inverse)."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _attention_heads(q_h: Array, k_h: Array, v_h: Array) -> tuple[Array, Array]:
+  """softmax(q k^T) v on head-major `[B, N, T, H]` q (already scaled by 1/sqrt(H)), `[B, N, S, H]` k, v
+  -> (out `[B, N, T, H]`, float32 probabilities `[B, N, T, S]`), as jax.nn's XLA path: float32 softmax."""
+  logits = jnp.einsum("bnth,bnsh->bnts", q_h, k_h, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bnts,bnsh->bnth", probs.astype(v_h.dtype), v_h), probs
+
+
+def _heads_and_scale(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+  scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+  return _to_heads(q * scale), _to_heads(k), _to_heads(v)
 
 
 @jax.custom_vjp
 def _xla_attention(q: Array, k: Array, v: Array) -> Array:
-  """Unmasked attention whose backward recomputes the probabilities (flash-attention style).
+  """Unmasked attention on `[B, T, N, H]` q and `[B, S, N, H]` k, v whose backward recomputes the
+  probabilities (flash-attention style) from head-major residuals.
 
   Nothing `[B, N, T, S]`-sized is kept for the backward, and the forward
   (QK^T -> softmax -> PV with no other consumer) is one fusion on XLA:CPU;
   autodiff of jax.nn.dot_product_attention writes and re-reads the probability
-  matrix several times instead (~5% of a ViT-S training step on CPU).
+  matrix several times instead (~5% of a ViT-S training step on CPU). The
+  residuals are the `[B, N, T, H]` copies the dots read, so the backward does
+  not transpose q, k and v again (ViT-S/16 f32 train step on 2 CPU cores:
+  1.028x, 6 alternated separate-process rounds; docs/benchmarks.md session 9).
   """
-  return _attention_core(q, k, v)
+  return _to_heads(_attention_heads(*_heads_and_scale(q, k, v))[0])
 
 
 def _xla_attention_fwd(q, k, v):
-  out = _attention_core(q, k, v)
-  return out, (q, k, v, out)
+  q_h, k_h, v_h = _heads_and_scale(q, k, v)
+  out_h, _ = _attention_heads(q_h, k_h, v_h)
+  return _to_heads(out_h), (q_h, k_h, v_h, out_h)
 
 
 def _xla_attention_bwd(residuals, d_out):
-  q, k, v, out = residuals
-  scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
-  logits = jnp.einsum("btnh,bsnh->bnts", q * scale, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  d_v = jnp.einsum("bnts,btnh->bsnh", probs.astype(d_out.dtype), d_out)
-  d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32)
+  q_h, k_h, v_h, out_h = residuals
+  scale = jnp.asarray(1.0 / np.sqrt(q_h.shape[-1]), q_h.dtype)
+  d_out_h = _to_heads(d_out)
+  _, probs = _attention_heads(q_h, k_h, v_h)
+  d_v = jnp.einsum("bnts,bnth->bnsh", probs.astype(d_out.dtype), d_out_h)
+  d_probs = jnp.einsum("bnth,bnsh->bnts", d_out_h, v_h, preferred_element_type=jnp.float32)
   # softmax backward: p * (dp - sum_s p dp), with sum_s p dp = sum_h dout * out (one [B, N, T] row sum)
-  row = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  d_logits = (probs * (d_probs - row[..., None])).astype(q.dtype)
-  d_q = jnp.einsum("bnts,bsnh->btnh", d_logits, k) * scale
-  d_k = jnp.einsum("bnts,btnh->bsnh", d_logits, q * scale)
-  return d_q, d_k, d_v
+  row = jnp.sum(d_out_h.astype(jnp.float32) * out_h.astype(jnp.float32), axis=-1)
+  d_logits = (probs * (d_probs - row[..., None])).astype(q_h.dtype)
+  d_q = jnp.einsum("bnts,bnsh->bnth", d_logits, k_h) * scale  # q_h holds q * scale
+  d_k = jnp.einsum("bnts,bnth->bnsh", d_logits, q_h)
+  return _to_heads(d_q), _to_heads(d_k), _to_heads(d_v)
 
 
 _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
