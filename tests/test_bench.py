@@ -373,16 +373,23 @@ def test_bench_runs_without_grain_ml_collections_and_open_clip(tmp_path):
       assert "pip install open_clip_torch" in payload["torch_error"] and len(payload["results"]) == 1
 
 
-def test_gpu_ab_profile_summary_counts_stream_kernels_once(tmp_path):
-  """scripts/gpu_ab.py sums a GPU trace's kernels from the CUDA-stream lines only: the 'XLA Ops' line
-  covers the same time again and goes to the per-op table; host events are ignored."""
-  import gzip
+def _load_gpu_ab():
+  """scripts/gpu_ab.py as a module (scripts/ is not a package)."""
   import importlib.util
   from pathlib import Path
 
   spec = importlib.util.spec_from_file_location("gpu_ab", Path(__file__).parents[1] / "scripts" / "gpu_ab.py")
   gpu_ab = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(gpu_ab)
+  return gpu_ab
+
+
+def test_gpu_ab_profile_summary_counts_stream_kernels_once(tmp_path):
+  """scripts/gpu_ab.py sums a GPU trace's kernels from the CUDA-stream lines only: the 'XLA Ops' line
+  covers the same time again and goes to the per-op table; host events are ignored."""
+  import gzip
+
+  gpu_ab = _load_gpu_ab()
   meta = lambda kind, pid, tid, name: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}  # noqa: E731
   kernel = lambda tid, ts, dur, name, pid=1: {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}  # noqa: E731
   events = [meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
@@ -405,12 +412,8 @@ def test_gpu_ab_profile_summary_reads_a_cpu_trace_from_the_xla_worker_threads(tm
   """--preset cpu: with no GPU in the trace, the HLO ops on XLA:CPU's worker threads are summed (YNNPACK
   fusions as dots, transposes as copies); the executor's own spans, pool waits and python are not."""
   import gzip
-  import importlib.util
-  from pathlib import Path
 
-  spec = importlib.util.spec_from_file_location("gpu_ab", Path(__file__).parents[1] / "scripts" / "gpu_ab.py")
-  gpu_ab = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(gpu_ab)
+  gpu_ab = _load_gpu_ab()
   meta = lambda kind, tid, name: {"ph": "M", "name": kind, "pid": 1, "tid": tid, "args": {"name": name}}  # noqa: E731
   op = lambda tid, ts, dur, name: {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}  # noqa: E731
   events = [meta("process_name", 0, "/host:CPU"), meta("thread_name", 3, "tf_XLAEigen/123"),
