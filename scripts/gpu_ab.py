@@ -208,25 +208,22 @@ def summarize_trace(path: str, steps: int) -> dict[str, Any]:
   pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events
             if e.get("ph") == "M" and e.get("name") == "process_name"}
   gpu_pids = {pid for pid, n in pnames.items() if "gpu" in n.lower() or "device" in n.lower()}
+  cpu_only = not gpu_pids
+  pids = set(pnames) if cpu_only else gpu_pids
   tnames = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+            if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in pids}
   # A GPU's trace has one line per CUDA stream (the kernels) plus summary lines ("XLA Ops",
   # "XLA Modules") that cover the same time again: kernels come from the stream lines only.
-  streams = {key for key, n in tnames.items() if n.lower().startswith("stream")}
+  # Without a GPU the ops are on XLA:CPU's worker threads.
+  is_op_thread = (lambda n: n.startswith("tf_XLAEigen")) if cpu_only else (lambda n: n.lower().startswith("stream"))
+  streams = {key for key, n in tnames.items() if is_op_thread(n)}
   op_lines = {key for key, n in tnames.items() if "xla ops" in n.lower()}
-  cpu_only = not gpu_pids
-  if cpu_only:
-    gpu_pids = set(pnames)
-    tnames = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
-              if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    streams = {key for key, n in tnames.items() if n.startswith("tf_XLAEigen")}
-    op_lines = set()
   by_name: dict[str, float] = defaultdict(float)
   by_op: dict[str, float] = defaultdict(float)
   count: dict[str, int] = defaultdict(int)
   first, last = float("inf"), 0.0
   for e in events:
-    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+    if e.get("ph") != "X" or e.get("pid") not in pids:
       continue
     key, dur, name = (e.get("pid"), e.get("tid")), float(e.get("dur", 0.0)), str(e.get("name", ""))
     if key in op_lines:
