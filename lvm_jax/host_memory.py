@@ -12,9 +12,20 @@ and the whole f32 b32 training step 3442 -> 3147-3161 ms (docs/benchmarks.md).
 
 `configure_host_allocator('retain')` tells glibc (mallopt) to serve large
 blocks from the heap and keep freed memory for reuse: the next step's buffers
-land on pages that are already mapped. The cost is that the process keeps its
-peak heap instead of returning it to the OS between steps (the RSS peak barely
-moves: 6.84 -> 7.08 GB for the step above). The setting is process-wide,
+land on pages that are already mapped. Three settings, each needed:
+  M_MMAP_MAX=0         no block gets its own mmap (and munmap on free);
+  M_TRIM_THRESHOLD=-1  the heap's free top is never given back (any finite
+                       threshold fits in an int, <= 2 GiB, and a ViT-S/16 b32
+                       step frees ~2.8 GB of temporaries at once: trimmed and
+                       re-faulted every step, 3-4 s of kernel time per 13 s step
+                       on a 2-core AVX2 host, session 10);
+  M_ARENA_MAX=1        every thread allocates from the main heap: XLA runs the
+                       step on its own threads, and a thread arena's heaps are at
+                       most 64 MiB, so glibc mmaps a larger block for it whatever
+                       M_MMAP_MAX says.
+The cost is that the process keeps its peak heap instead of returning it to the
+OS between steps (the RSS peak barely moves: 6.84 -> 7.08 GB for the step above),
+and threads share one malloc lock (XLA's allocations are few and large). The setting is process-wide,
 so the library never applies it on import; the command-line tools (lvm-train,
 lvm-eval, lvm-bench, lvm-curate, lvm-convert) apply it at start, and
 `LVM_JAX_HOST_MALLOC=system` turns it off. On other C libraries (musl, macOS) it is a no-op that says so.
@@ -31,8 +42,8 @@ MODES = ("retain", "system")
 # glibc <malloc.h> mallopt parameters.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-# Largest trim threshold mallopt takes (an int): a free heap top above 2 GiB is still given back.
-_TRIM_THRESHOLD_MAX = 2**31 - 1
+_M_ARENA_MAX = -8
+_NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 _applied: str | None = None  # what the last call did (reported by lvm-bench)
 
@@ -58,7 +69,8 @@ def configure_host_allocator(mode: str | None = None) -> str:
 
   mode: 'retain' (large blocks from the heap, freed memory kept for reuse) or
   'system' (leave the C library's defaults); None reads $LVM_JAX_HOST_MALLOC,
-  default 'retain'. Call it early, before the first large allocation; the
+  default 'retain'. Call it early, before the first large allocation and
+  before jax starts its threads (a thread keeps the arena it started with); the
   setting lasts for the rest of the process ('system' after 'retain' does
   not undo it).
   """
@@ -74,9 +86,10 @@ def configure_host_allocator(mode: str | None = None) -> str:
   if libc is None:
     _applied = "system: not glibc, so 'retain' does not apply"
     return _applied
-  ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX) == 1
+  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM), (_M_ARENA_MAX, 1))
+  ok = all(libc.mallopt(param, value) == 1 for param, value in settings)
   version = libc.gnu_get_libc_version().decode()
-  _applied = f"retain: glibc {version} mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else \
+  _applied = f"retain: glibc {version} mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1, M_ARENA_MAX=1)" if ok else \
       f"system: glibc {version} refused mallopt"
   return _applied
 

@@ -70,3 +70,49 @@ def test_command_line_tools_apply_it_and_report_a_bad_value(monkeypatch, capsys)
   monkeypatch.setenv(host_memory.ENV, "bogus")
   assert run_cli(lambda argv: 0, []) == 2
   assert "LVM_JAX_HOST_MALLOC='bogus' is not a valid host allocator mode" in capsys.readouterr().err
+
+
+# A 64 MiB block malloc'd by a new (non-main) thread, as XLA's step threads do, then a 2.5 GiB block on
+# the main thread freed at once (a ViT-S/16 b32 step frees ~2.8 GB of temporaries): reports the thread
+# block's mmap'd bytes and how much heap glibc still holds after the big free.
+_THREAD_AND_TRIM_PROBE = """
+import ctypes, json, sys, threading
+from lvm_jax import host_memory
+done = host_memory.configure_host_allocator(sys.argv[1])
+libc = ctypes.CDLL("libc.so.6")
+class Mallinfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                             "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+seen = {}
+def in_thread():
+  before = libc.mallinfo2().hblkhd
+  block = libc.malloc(64 << 20)
+  seen["thread_mmapped"] = libc.mallinfo2().hblkhd - before
+  libc.free(block)
+t = threading.Thread(target=in_thread); t.start(); t.join()
+big = libc.malloc(5 << 29)  # 2.5 GiB of address space; its pages are never touched
+libc.free(big)
+print(json.dumps({"done": done, "thread_mmapped": seen["thread_mmapped"], "heap_after_free": libc.mallinfo2().arena}))
+"""
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallopt, mallinfo2)")
+def test_retain_covers_other_threads_and_never_trims_a_multi_gigabyte_free():
+  def probe(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _THREAD_AND_TRIM_PROBE, mode], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  system = probe("system")
+  assert system["thread_mmapped"] >= 64 << 20, system  # glibc's default: its own mmap
+  assert system["heap_after_free"] < 1 << 30, system  # the 2.5 GiB block was an mmap, unmapped on free
+  retain = probe("retain")
+  assert retain["done"].endswith("M_ARENA_MAX=1)"), retain
+  # M_ARENA_MAX=1: the thread allocates from the main heap (a thread arena would have mmap'd 64 MiB).
+  assert retain["thread_mmapped"] == 0, retain
+  # M_TRIM_THRESHOLD=-1: the freed 2.5 GiB stays in the heap (2^31-1, the largest finite threshold, trims it).
+  assert retain["heap_after_free"] >= 5 << 29, retain
