@@ -9,10 +9,10 @@ import pytest
 
 from lvm_jax import host_memory
 
-# Runs in a fresh interpreter (the setting is process-wide and one-way): applies MODE, then mallocs a
-# 64 MiB block and reports how many bytes glibc holds in mmap'd blocks while it is live.
-_PROBE = """
-import ctypes, json, sys
+# The probes run in a fresh interpreter (the setting is process-wide and one-way). The prelude applies
+# MODE (argv[1]) and sets up libc's malloc, free and mallinfo2 through ctypes.
+_PRELUDE = """
+import ctypes, json, sys, threading
 from lvm_jax import host_memory
 done = host_memory.configure_host_allocator(sys.argv[1])
 libc = ctypes.CDLL("libc.so.6")
@@ -21,7 +21,12 @@ class Mallinfo2(ctypes.Structure):
                                              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc.mallinfo2.restype = Mallinfo2
 libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+"""
+
+# Mallocs a 64 MiB block and reports how many bytes glibc holds in mmap'd blocks while it is live.
+_PROBE = _PRELUDE + """
 before = libc.mallinfo2().hblkhd
 block = libc.malloc(64 << 20)
 during = libc.mallinfo2().hblkhd
@@ -35,8 +40,8 @@ def _glibc_with_mallinfo2() -> bool:
   return libc is not None and hasattr(libc, "mallinfo2")
 
 
-def _probe(mode: str) -> dict:
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+def _probe(mode: str, script: str = _PROBE) -> dict:
+  out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -75,18 +80,7 @@ def test_command_line_tools_apply_it_and_report_a_bad_value(monkeypatch, capsys)
 # A 64 MiB block malloc'd by a new (non-main) thread, as XLA's step threads do, then a 2.5 GiB block on
 # the main thread freed at once (a ViT-S/16 b32 step frees ~2.8 GB of temporaries): reports the thread
 # block's mmap'd bytes and how much heap glibc still holds after the big free.
-_THREAD_AND_TRIM_PROBE = """
-import ctypes, json, sys, threading
-from lvm_jax import host_memory
-done = host_memory.configure_host_allocator(sys.argv[1])
-libc = ctypes.CDLL("libc.so.6")
-class Mallinfo2(ctypes.Structure):
-  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                             "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Mallinfo2
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
+_THREAD_AND_TRIM_PROBE = _PRELUDE + """
 seen = {}
 def in_thread():
   before = libc.mallinfo2().hblkhd
@@ -102,15 +96,10 @@ print(json.dumps({"done": done, "thread_mmapped": seen["thread_mmapped"], "heap_
 
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallopt, mallinfo2)")
 def test_retain_covers_other_threads_and_never_trims_a_multi_gigabyte_free():
-  def probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _THREAD_AND_TRIM_PROBE, mode], capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-  system = probe("system")
+  system = _probe("system", _THREAD_AND_TRIM_PROBE)
   assert system["thread_mmapped"] >= 64 << 20, system  # glibc's default: its own mmap
   assert system["heap_after_free"] < 1 << 30, system  # the 2.5 GiB block was an mmap, unmapped on free
-  retain = probe("retain")
+  retain = _probe("retain", _THREAD_AND_TRIM_PROBE)
   assert retain["done"].endswith("M_ARENA_MAX=1)"), retain
   # M_ARENA_MAX=1: the thread allocates from the main heap (a thread arena would have mmap'd 64 MiB).
   assert retain["thread_mmapped"] == 0, retain
