@@ -25,8 +25,8 @@ land on pages that are already mapped. Three settings, each needed:
                        M_MMAP_MAX says.
 The cost is that the process keeps its peak heap instead of returning it to the
 OS between steps (the RSS peak barely moves: 6.84 -> 7.08 GB for the step above),
-and threads share one malloc lock (XLA's allocations are few and large). The setting is process-wide,
-so the library never applies it on import; the command-line tools (lvm-train,
+and threads share one malloc lock (XLA's allocations are few and large). The
+setting is process-wide, so the library never applies it on import; the command-line tools (lvm-train,
 lvm-eval, lvm-bench, lvm-curate, lvm-convert) apply it at start, and
 `LVM_JAX_HOST_MALLOC=system` turns it off. On other C libraries (musl, macOS) it is a no-op that says so.
 """
