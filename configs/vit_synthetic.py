@@ -8,6 +8,8 @@ Time:      3 min 59.6 s wall on 2 QUIET CPU cores (compile and 4 evals included;
 Measured:  top1 0.9615 (top5 1.000) on the synthetic eval split after 3000 steps (384k images);
            0.825 at 1000, 0.937 at 2000. The same model with total_steps=3500: 0.9625 (8 min 3 s shared).
            57 of the 77 eval errors are circle <-> hexagon (about a pixel apart at this size).
+           On a 2-core AVX2 host (AMD EPYC, session 10): top1 0.9500 (top5 0.999), 12 min 44 s wall:
+           other CPU kernels round differently, so the run takes another path.
 
 Model: a small hybrid ViT (Dosovitskiy et al. 2021, sec. 3.1; Xiao et al. 2021): a conv stem
 (3x3 stride-2 convs with 32, 64, 128 channels, instance norm + ReLU, then a 1x1 conv) turns each
