@@ -340,7 +340,7 @@ def _xla_attention(q: Array, k: Array, v: Array) -> Array:
   not transpose q, k and v again (ViT-S/16 f32 train step on 2 CPU cores:
   1.028x, 6 alternated separate-process rounds; docs/benchmarks.md session 9).
   """
-  return _to_heads(_attention_heads(*_heads_and_scale(q, k, v))[0])
+  return _xla_attention_fwd(q, k, v)[0]
 
 
 def _xla_attention_fwd(q, k, v):
