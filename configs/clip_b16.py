@@ -104,5 +104,6 @@ def get_config(arg=None):
     c.eval_every = 10_000
     c.ckpt_every = 2_000
     c.keep_checkpoints = 3
+    c.compile_cache_dir = ""  # XLA compile cache: "" = WORKDIR/compile_cache, a path, or "none"
     c.init_from = ""
     return c

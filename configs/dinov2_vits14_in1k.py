@@ -83,5 +83,6 @@ def get_config(arg=None):
     c.eval_every = 10 * EPOCH  # the reference evaluates every 12500 steps
     c.ckpt_every = 2 * EPOCH
     c.keep_checkpoints = 3
+    c.compile_cache_dir = ""  # XLA compile cache: "" = WORKDIR/compile_cache, a path, or "none"
     c.init_from = ""
     return c

@@ -49,5 +49,6 @@ def get_config(arg=None):
     c.eval_every = 200
     c.ckpt_every = 200
     c.keep_checkpoints = 2
+    c.compile_cache_dir = ""  # XLA compile cache: "" = WORKDIR/compile_cache, a path, or "none"
     c.init_from = ""  # an lvm-convert output directory (required for fine-tuning)
     return c

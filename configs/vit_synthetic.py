@@ -81,5 +81,6 @@ def get_config(arg=None):
     c.eval_every = 1000
     c.ckpt_every = 1000
     c.keep_checkpoints = 2
+    c.compile_cache_dir = ""  # XLA compile cache: "" = WORKDIR/compile_cache, a path, or "none"
     c.init_from = ""
     return c

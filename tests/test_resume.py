@@ -22,7 +22,10 @@ ARGS = ["--config.total_steps=12", "--config.ckpt_every=3", "--config.log_every=
 
 
 def _cmd(workdir):
-    return [sys.executable, "-m", "train", "--config", CONFIG, "--workdir", str(workdir), *ARGS]
+    # Every run of a test shares one XLA compile cache: the first compiles, the restarts load (and the
+    # bitwise comparison below then also covers a loaded executable against a freshly compiled one).
+    cache = f"--config.compile_cache_dir={workdir.parent / 'compile_cache'}"
+    return [sys.executable, "-m", "train", "--config", CONFIG, "--workdir", str(workdir), *ARGS, cache]
 
 
 def _env():

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from lvm_jax import compile_cache
 from lvm_jax import data as lvm_data
 from lvm_jax import sharding
 from lvm_jax.checkpoint import Checkpointer
@@ -63,8 +64,19 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> in
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Runs (or resumes) training in `workdir`; returns the final eval metrics."""
+    """Runs (or resumes) training in `workdir`; returns the final eval metrics.
+
+    Compiled programs are kept in XLA's persistent cache (config.compile_cache_dir,
+    default `workdir/compile_cache`): rerunning the command loads them instead of compiling.
+    """
     workdir = pathlib.Path(workdir)
+    with compile_cache.use(config.get("compile_cache_dir", ""), workdir) as cache_dir:
+        compile_cache.start_counting()
+        return _train_and_evaluate(config, workdir, cache_dir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        cache_dir: pathlib.Path | None) -> dict[str, float]:
     is_main = jax.process_index() == 0
     preempt = _Preemption()  # installed first: a SIGTERM during setup still ends in a clean save
 
@@ -183,6 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 break
         bar.close()
         checkpointer.close()
+        if is_main:
+            print(compile_cache.summary(cache_dir))
 
     skipped = lvm_data.transforms.decode_failures()
     if skipped:  # counted in this process (worker processes log their own warnings)
@@ -273,7 +287,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | pathli
         raise UserError(f"No checkpoint in {workdir / 'checkpoints'}; train first with lvm-train --workdir {workdir}.")
     rng = jax.random.PRNGKey(0)
     abstract, shardings = abstract_state(task, mesh, rng)
-    with sharding.mesh_context(mesh):
+    # The training run's cache holds its eval programs.
+    with sharding.mesh_context(mesh), compile_cache.use(config.get("compile_cache_dir", ""), workdir):
         state = checkpointer.restore(step, restore_target(abstract, shardings))
         result = task.evaluate(state, step)
     checkpointer.close()
