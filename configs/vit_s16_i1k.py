@@ -1,6 +1,6 @@
 """ViT-S/16 on ImageNet-1k: big_vision's "Better plain ViT baselines" (Beyer et al. 2022) recipe.
 
-Command:   lvm-train --config configs/vit_s16_i1k.py --workdir gs://BUCKET/vit_s16_i1k \
+Command:   lvm-train --config configs/vit_s16_i1k.py --workdir /mnt/BUCKET/vit_s16_i1k \
              --config.data.path=/path/to/tensorflow_datasets
 Data:      TFDS `imagenet2012` prepared locally (array_record); read with tfds.data_source, no TensorFlow.
 Hardware:  TPU v3-8 (8 chips); any mesh works (e.g. 8x A100/H100: same command).

@@ -63,13 +63,29 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> in
     raise UserError("Set config.total_steps or config.total_epochs.")
 
 
+def local_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """`workdir` as a filesystem path; a URL (gs://, s3://) is refused with the fix, not mangled.
+
+    The loop appends to metrics.jsonl and writes through the local filesystem; `pathlib` would turn
+    `gs://bucket/run` into a local directory `gs:/bucket/run` on every host (each pod worker keeping
+    its own checkpoints), so a URL stops the run before anything is written.
+    """
+    text = str(workdir)
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise UserError(f"--workdir {text} is a {scheme}:// URL, and lvm-train writes through the filesystem; "
+                        f"mount the bucket (e.g. gcsfuse {text.split('://', 1)[1].split('/')[0]} /mnt/bucket) "
+                        "on every host and pass the mounted path, e.g. --workdir /mnt/bucket/run.")
+    return pathlib.Path(workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Runs (or resumes) training in `workdir`; returns the final eval metrics.
 
     Compiled programs are kept in XLA's persistent cache (config.compile_cache_dir,
     default `workdir/compile_cache`): rerunning the command loads them instead of compiling.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = local_workdir(workdir)
     with compile_cache.use(config.get("compile_cache_dir", ""), workdir) as cache_dir:
         compile_cache.start_counting()
         return _train_and_evaluate(config, workdir, cache_dir)
@@ -276,7 +292,7 @@ def _plot_history(workdir: pathlib.Path, history: list[dict[str, float]]) -> Non
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                         step: int | None = None) -> dict[str, float]:
     """Restores the latest (or given) checkpoint in `workdir` and runs the task's evals."""
-    workdir = pathlib.Path(workdir)
+    workdir = local_workdir(workdir)
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     task = get_task(config, mesh)
     task.total_steps = int(config.get("total_steps") or 1)
