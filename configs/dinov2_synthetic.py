@@ -16,6 +16,10 @@ Measured:  MET (session 9, 2026-11-27, final code of the session), no collapse: 
            The same recipe before the head-major attention residuals of session 9 (other last-bit
            rounding): seed 0 +21.3 / +21.3 (GELU recompute / autodiff); seed 1 +22.4 / +21.6; seed 2
            +19.5 / +16.8 (below the goal).
+           On the 2-core AVX2 host (AMD EPYC, session 11, 2026-11-28, commit 7c74a13): MET, +23.1 points,
+           knn_top1 0.123 -> 0.326 (900) -> 0.354 (1800), linear_top1 0.223 -> 0.383 -> 0.387, teacher_entropy
+           >= 3.82, feature std >= 0.958 from step 150 on. Wall time there is NOT within 15 min: ~0.95 s/step
+           alone (about 30 min for the run; measured 61.7 min while a CI run shared the 2 cores).
 Margin:    THIN. The standard error of one accuracy is ~0.7 points, and runs that differ only in seed
            or last-bit float rounding spread widely: over the six runs above mean +20.5, sd 2.0, 2 of 6
            below +20. The session-6 recipe (a shared iBOT head, 1400 steps) is no better: mean +20.4,
