@@ -70,12 +70,12 @@ def local_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
     `gs://bucket/run` into a local directory `gs:/bucket/run` on every host (each pod worker keeping
     its own checkpoints), so a URL stops the run before anything is written.
     """
-    text = str(workdir)
-    if "://" in text:
-        scheme = text.split("://", 1)[0]
-        raise UserError(f"--workdir {text} is a {scheme}:// URL, and lvm-train writes through the filesystem; "
-                        f"mount the bucket (e.g. gcsfuse {text.split('://', 1)[1].split('/')[0]} /mnt/bucket) "
-                        "on every host and pass the mounted path, e.g. --workdir /mnt/bucket/run.")
+    scheme, url, rest = str(workdir).partition("://")
+    if url:
+        bucket = rest.split("/", 1)[0]
+        raise UserError(f"--workdir {workdir} is a {scheme}:// URL, and lvm-train writes through the filesystem; "
+                        f"mount the bucket (e.g. gcsfuse {bucket} /mnt/bucket) on every host and pass the "
+                        "mounted path, e.g. --workdir /mnt/bucket/run.")
     return pathlib.Path(workdir)
 
 
