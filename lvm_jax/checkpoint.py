@@ -6,19 +6,21 @@ see exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any
 
 import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
 
+from lvm_jax.workdir import as_path
+
 
 class Checkpointer:
-    """`DIR/checkpoints/<step>/{state,data}`; async saves, keeps the newest `keep`."""
+    """`DIR/checkpoints/<step>/{state,data}` (local or gs://); async saves, keeps the newest `keep`."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = as_path(directory, what="checkpoint directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import pathlib
 import platform
 from collections.abc import Iterator
 
 import jax
+from etils import epath
 
 OFF = ("none", "off", "false", "0")
 
@@ -55,11 +57,12 @@ def _cpu_identity() -> str:
 
 
 @contextlib.contextmanager
-def use(setting: str, workdir: str | pathlib.Path) -> Iterator[pathlib.Path | None]:
+def use(setting: str, workdir: str | os.PathLike) -> Iterator[epath.Path | None]:
     """Turns on JAX's persistent compilation cache inside the block; yields the directory used.
 
     `setting` is `config.compile_cache_dir`: "" puts the cache in
-    `workdir/compile_cache/<machine_tag()>`, a path puts it in `path/<machine_tag()>`,
+    `workdir/compile_cache/<machine_tag()>`, a path (or gs:// URL, as JAX allows) puts it in
+    `path/<machine_tag()>`,
     and "none" leaves it off (yields None). A cache directory already set through
     JAX's own flag or environment variable is kept (and yielded). On exit the
     previous setting is back, so a library user's later compilations are not
@@ -67,11 +70,11 @@ def use(setting: str, workdir: str | pathlib.Path) -> Iterator[pathlib.Path | No
     """
     previous = jax.config.jax_compilation_cache_dir
     if previous or str(setting).strip().lower() in OFF:
-        yield pathlib.Path(previous) if previous else None
+        yield epath.Path(previous) if previous else None
         return
     from jax.experimental.compilation_cache import compilation_cache
 
-    base = pathlib.Path(setting) if setting else pathlib.Path(workdir) / "compile_cache"
+    base = epath.Path(setting) if setting else epath.Path(workdir) / "compile_cache"
     directory = base / machine_tag()
     directory.mkdir(parents=True, exist_ok=True)
     # JAX decides once per process whether the cache is on (at its first compile):
@@ -104,7 +107,7 @@ def start_counting() -> None:
         _counts[k] = 0
 
 
-def summary(directory: pathlib.Path | None) -> str:
+def summary(directory: epath.Path | None) -> str:
     """One line for the run's log, e.g. 'compile cache W/compile_cache/cpu-..: 4 of 6 programs loaded'."""
     if directory is None:
         return "compile cache: off (config.compile_cache_dir='none')"

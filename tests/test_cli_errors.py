@@ -39,16 +39,20 @@ def test_missing_config_file(tmp_path, capsys):
     assert "configs/nope.py" in capsys.readouterr().err
 
 
-def test_a_bucket_url_workdir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
-    """pathlib would make gs://b/run a local directory gs:/b/run on every host: refuse it, name the fix."""
+@pytest.mark.parametrize("url, fix", [
+    ("s3://my-bucket/run", "s3:// is not supported (gs:// and local paths are)"),
+    ("http://host/run", "http:// is not supported"),
+])
+def test_an_unsupported_url_workdir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, url, fix):
+    """pathlib would make s3://b/run a local directory s3:/b/run on every host: refuse it, name the fix."""
     from tests.helpers import ROOT
 
     monkeypatch.chdir(tmp_path)
-    rc = train_main(["--config", str(ROOT / CONFIG), "--workdir", "gs://my-bucket/run"])
+    rc = train_main(["--config", str(ROOT / CONFIG), "--workdir", url])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "gs:// URL" in err and "gcsfuse my-bucket" in err and "--workdir /mnt/bucket/run" in err
-    assert not any(tmp_path.iterdir())  # no local 'gs:' directory
+    assert fix in err and "mount" in err
+    assert not any(tmp_path.iterdir())  # no local 's3:' directory
 
 
 def _folder(root: pathlib.Path, per_class: int = 12, corrupt: int = 0) -> pathlib.Path:

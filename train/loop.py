@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 import signal
 import sys
 import time
@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from lvm_jax import compile_cache
 from lvm_jax import data as lvm_data
 from lvm_jax import sharding
+from lvm_jax import workdir as run_dir
 from lvm_jax.checkpoint import Checkpointer
 from lvm_jax.config import config_to_json
 from lvm_jax.errors import UserError
@@ -44,13 +46,6 @@ class _Preemption:
         self.requested = True
 
 
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 def _to_float(tree: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
@@ -63,36 +58,20 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> in
     raise UserError("Set config.total_steps or config.total_epochs.")
 
 
-def local_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """`workdir` as a filesystem path; a URL (gs://, s3://) is refused with the fix, not mangled.
-
-    The loop appends to metrics.jsonl and writes through the local filesystem; `pathlib` would turn
-    `gs://bucket/run` into a local directory `gs:/bucket/run` on every host (each pod worker keeping
-    its own checkpoints), so a URL stops the run before anything is written.
-    """
-    scheme, url, rest = str(workdir).partition("://")
-    if url:
-        bucket = rest.split("/", 1)[0]
-        raise UserError(f"--workdir {workdir} is a {scheme}:// URL, and lvm-train writes through the filesystem; "
-                        f"mount the bucket (e.g. gcsfuse {bucket} /mnt/bucket) on every host and pass the "
-                        "mounted path, e.g. --workdir /mnt/bucket/run.")
-    return pathlib.Path(workdir)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Runs (or resumes) training in `workdir`; returns the final eval metrics.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
+    """Runs (or resumes) training in `workdir` (a local path or gs:// URL); returns the final eval metrics.
 
     Compiled programs are kept in XLA's persistent cache (config.compile_cache_dir,
     default `workdir/compile_cache`): rerunning the command loads them instead of compiling.
     """
-    workdir = local_workdir(workdir)
+    workdir = run_dir.as_path(workdir)
     with compile_cache.use(config.get("compile_cache_dir", ""), workdir) as cache_dir:
         compile_cache.start_counting()
         return _train_and_evaluate(config, workdir, cache_dir)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                        cache_dir: pathlib.Path | None) -> dict[str, float]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        cache_dir: epath.Path | None) -> dict[str, float]:
     is_main = jax.process_index() == 0
     preempt = _Preemption()  # installed first: a SIGTERM during setup still ends in a clean save
 
@@ -144,8 +123,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         log_every = int(config.get("log_every", 50))
         eval_every = int(config.get("eval_every", 0)) or total_steps
         ckpt_every = int(config.get("ckpt_every", 0)) or total_steps
-        metrics_file = workdir / "metrics.jsonl"
-        history: list[dict[str, float]] = []
+        metrics_log = run_dir.MetricsLog(workdir / "metrics.jsonl", start_step) if is_main else None
         warned: set[str] = set()  # health-warning kinds already printed
         eval_metrics: dict[str, float] = {}
 
@@ -153,8 +131,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             result = task.evaluate(state, step)
             if result and is_main:
                 record = {"step": step, **result}
-                _write_json(workdir / "eval" / f"step_{step:08d}.json", record)
-                _write_json(workdir / "eval" / "latest.json", record)
+                run_dir.write_json(workdir / "eval" / f"step_{step:08d}.json", record)
+                run_dir.write_json(workdir / "eval" / "latest.json", record)
                 tqdm.write("eval " + " ".join(f"{k}={v:.4f}" for k, v in result.items()) + f" (step {step})")
             return result
 
@@ -182,6 +160,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 values = _to_float(metrics)
                 if not all(math.isfinite(v) for k, v in values.items() if k == "loss"):
                     checkpointer.wait()
+                    if metrics_log:
+                        metrics_log.flush()
                     raise UserError(
                         f"The loss became {values.get('loss')} at step {step}; stopping and keeping the last good "
                         f"checkpoint (step {checkpointer.latest_step()}). Lower config.optim.lr or set "
@@ -189,11 +169,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 now = time.perf_counter()
                 values["img_per_s"] = (step - last_step) * int(config.batch_size) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
-                record = {"step": step, **values}
-                history.append(record)
                 if is_main:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    metrics_log.append({"step": step, **values})
                     for warning in task.health_warnings(step, values):
                         kind = warning.split(":", 1)[0]
                         if kind not in warned:
@@ -205,6 +182,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             if must_save:
                 checkpointer.save(step, state, train_iter, force=True)
                 last_saved = step
+                if metrics_log:
+                    metrics_log.flush()
             if preempt.requested:
                 if is_main:
                     tqdm.write(f"SIGTERM: saved checkpoint at step {last_saved}; exiting.")
@@ -219,8 +198,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         print(f"warning: {skipped} undecodable images were skipped (config.data.decode_errors='skip').",
               file=sys.stderr)
 
-    if is_main and history:
-        _plot_history(workdir, history)
+    if is_main and metrics_log.records:
+        _plot_history(workdir, metrics_log.records)
     return eval_metrics
 
 
@@ -259,7 +238,7 @@ def _unbox(tree: Any) -> Any:
     return nn.meta.unbox(tree)
 
 
-def _plot_history(workdir: pathlib.Path, history: list[dict[str, float]]) -> None:
+def _plot_history(workdir: epath.Path, history: list[dict[str, float]]) -> None:
     """DIR/plots/train.png: loss and lr over steps, and eval metrics if any."""
     try:
         import matplotlib
@@ -284,15 +263,14 @@ def _plot_history(workdir: pathlib.Path, history: list[dict[str, float]]) -> Non
         axes[2].set(title="eval", xlabel="step")
         axes[2].legend(fontsize=7)
     fig.tight_layout()
-    (workdir / "plots").mkdir(exist_ok=True)
-    fig.savefig(workdir / "plots" / "train.png", dpi=100)
+    run_dir.save_figure(fig, workdir / "plots" / "train.png")
     plt.close(fig)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                         step: int | None = None) -> dict[str, float]:
-    """Restores the latest (or given) checkpoint in `workdir` and runs the task's evals."""
-    workdir = local_workdir(workdir)
+    """Restores the latest (or given) checkpoint in `workdir` (a path or gs:// URL) and runs the task's evals."""
+    workdir = run_dir.as_path(workdir)
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     task = get_task(config, mesh)
     task.total_steps = int(config.get("total_steps") or 1)
@@ -309,5 +287,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | pathli
         result = task.evaluate(state, step)
     checkpointer.close()
     if jax.process_index() == 0:
-        _write_json(workdir / "eval" / f"lvm_eval_step_{step:08d}.json", {"step": step, **result})
+        run_dir.write_json(workdir / "eval" / f"lvm_eval_step_{step:08d}.json", {"step": step, **result})
     return result

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvm_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lvm_jax.workdir import save_figure
 
 
 def cls_attention_from_qk(q: jax.Array, k: jax.Array, num_prefix_tokens: int,
@@ -123,8 +124,7 @@ def _save_grid(rows: list[list[np.ndarray]], titles: list[str], path: str) -> st
             if r == 0:
                 ax.set_title(titles[c], fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)  # a local path or a gs:// URL (a run's workdir)
     plt.close(fig)
     return path
 

@@ -54,7 +54,6 @@ attention and patch-PCA pictures go to `workdir/plots/`.
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -64,6 +63,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh
 
 from lvm_jax import data as lvm_data
@@ -454,7 +454,7 @@ class Dinov2Task(Task):
                                num_classes=num_classes, epochs=int(ev.get("linear_epochs", 50)))
             result.update(linear_top1=lin["linear_top1"], linear_top1_cls=lin["linear_top1_cls"])
         if step >= self.total_steps and getattr(self, "workdir", None) and int(ev.get("pictures", 4)):
-            self.save_pictures(state, pathlib.Path(self.workdir) / "plots", int(ev.get("pictures", 4)))
+            self.save_pictures(state, epath.Path(self.workdir) / "plots", int(ev.get("pictures", 4)))
         return result
 
     def _train_subset(self, size: int):
@@ -465,7 +465,7 @@ class Dinov2Task(Task):
         indices = np.sort(np.random.default_rng(0).choice(len(source), size, replace=False))
         return _Subset(source, indices)
 
-    def save_pictures(self, state: TrainState, out_dir: pathlib.Path, count: int) -> list[str]:
+    def save_pictures(self, state: TrainState, out_dir: epath.Path, count: int) -> list[str]:
         """Last-layer CLS attention and patch PCA of the teacher backbone for `count` eval images."""
         if jax.process_index() != 0:
             return []

@@ -1,0 +1,124 @@
+"""The run directory (DESIGN "Workdir contract") on a local disk or in a gs:// bucket.
+
+Everything lvm-train and lvm-eval write goes through an `etils.epath.Path`, so
+`--workdir gs://bucket/run` on a TPU pod behaves like a local directory: orbax
+and XLA's compile cache take such paths as they are; JSON files and plots are
+written whole (a GCS object is replaced atomically, never seen half-written);
+and metrics.jsonl, appended to on a local disk, is rewritten whole in a bucket
+because GCS objects cannot be appended to (`MetricsLog`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from typing import Any
+
+from etils import epath
+
+from lvm_jax.errors import UserError
+
+# URL schemes a workdir may use. s3:// and az:// would go through the same epath/orbax
+# calls, but nothing here has run against them, so they are refused rather than promised.
+REMOTE_SCHEMES = ("gs",)
+
+
+def as_path(location: str | os.PathLike, what: str = "--workdir") -> epath.Path:
+    """`location` (a local path or a gs:// URL) as an epath.Path; other URLs are refused with the fix.
+
+    Local paths are made absolute: orbax requires it, and a later chdir must not move the run.
+    """
+    text = os.fspath(location)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return epath.Path(os.path.abspath(text))
+    if scheme not in REMOTE_SCHEMES:
+        store = rest.split("/", 1)[0]
+        raise UserError(f"{what} {text}: {scheme}:// is not supported (gs:// and local paths are); mount "
+                        f"the store on every host and pass the mounted path, e.g. {what} /mnt/{store}/run.")
+    # etils reads gs:// through TensorFlow's gfile when it is installed, else through gcsfs.
+    if importlib.util.find_spec("gcsfs") is None and importlib.util.find_spec("tensorflow") is None:
+        raise UserError(f"{what} {text} needs gcsfs to write to the bucket; install it with "
+                        "pip install 'lvm_jax[gcs]' (or pip install gcsfs).")
+    return epath.Path(text)
+
+
+def is_remote(path: epath.Path | str) -> bool:
+    """True for a bucket URL (no local filesystem semantics: no append, no rename)."""
+    return "://" in os.fspath(path)
+
+
+def write_json(path: epath.Path, obj: Any) -> None:
+    """Writes `obj` as indented JSON so that a reader never sees a partial file."""
+    write_whole(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def write_whole(path: epath.Path, text: str) -> None:
+    """Replaces the file at `path` by `text` in one step: a reader sees the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        path.write_text(text)  # an object upload is all-or-nothing
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")  # rename is atomic on a POSIX filesystem
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def save_figure(fig: Any, path: epath.Path | str, dpi: int = 100) -> None:
+    """Saves a matplotlib figure as PNG to a local path or a bucket URL."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+
+
+class MetricsLog:
+    """`DIR/metrics.jsonl`: one JSON object per logged step, one file across restarts.
+
+    Opened at `resume_step`, it drops the records a killed run logged after its last
+    checkpoint: the resumed run logs those steps again, and each step must appear once.
+    `records` holds the whole run's history (for the training-curve plot). A local file
+    gets each record appended as it comes; a bucket object is rewritten whole at most
+    every `upload_every_s` seconds and on `flush()` (the loop flushes at every
+    checkpoint and at the end, so a preempted run loses none of its saved steps).
+    """
+
+    def __init__(self, path: epath.Path, resume_step: int, upload_every_s: float = 60.0):
+        self.path = path
+        self.remote = is_remote(path)
+        self.upload_every_s = upload_every_s
+        self.records: list[dict[str, Any]] = []
+        lines = path.read_text().splitlines() if path.exists() else []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the torn last line of a run killed mid-write
+                continue
+            if record.get("step", 0) <= resume_step:
+                self.records.append(record)
+        self._unsaved = len(self.records) != len(lines)
+        self._last_upload = time.monotonic()
+        if self._unsaved:
+            self._rewrite()
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            return
+        self._unsaved = True
+        if time.monotonic() - self._last_upload >= self.upload_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Uploads the records not yet in the bucket (a no-op for a local file)."""
+        if self._unsaved:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        write_whole(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self._unsaved = False
+        self._last_upload = time.monotonic()

@@ -1,0 +1,54 @@
+"""lvm_jax.workdir: which workdirs are accepted, and metrics.jsonl across a restart."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from lvm_jax import workdir
+from lvm_jax.errors import UserError
+
+
+def test_a_local_workdir_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(workdir.as_path("runs/a")) == str(tmp_path / "runs" / "a")
+    assert not workdir.is_remote(workdir.as_path("runs/a"))
+
+
+def test_a_gs_workdir_without_a_gcs_client_names_the_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gcsfs", "tensorflow") else real(name, *a))
+    with pytest.raises(UserError, match=r"needs gcsfs .*pip install 'lvm_jax\[gcs\]'"):
+        workdir.as_path("gs://bucket/run")
+
+
+def test_an_unknown_scheme_names_the_mount_fix():
+    with pytest.raises(UserError, match=r"az:// is not supported .* --config.init_from /mnt/acct/run"):
+        workdir.as_path("az://acct/run/x", what="--config.init_from")
+
+
+def _steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_metrics_log_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
+    path = workdir.as_path(tmp_path / "metrics.jsonl")
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # killed while writing step 6
+    log = workdir.MetricsLog(path, resume_step=3)
+    assert [r["step"] for r in log.records] == [1, 2, 3] and _steps(path) == [1, 2, 3]
+    log.append({"step": 4, "loss": 0.2})
+    assert _steps(path) == [1, 2, 3, 4]  # a local file is appended to at once
+    assert workdir.MetricsLog(path, resume_step=0).records == [] and path.read_text() == ""
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    path = workdir.as_path(tmp_path / "eval" / "latest.json")
+    workdir.write_json(path, {"top1": 0.5})
+    workdir.write_json(path, {"top1": 0.75})
+    assert json.loads(path.read_text()) == {"top1": 0.75}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest.json"]  # no .tmp left behind
