@@ -1,6 +1,6 @@
 """CLIP ViT-B/16 from scratch on web image-text pairs (LAION / DataComp webdataset shards).
 
-Command:   lvm-train --config configs/clip_b16.py --workdir /mnt/bucket/clip_b16 \
+Command:   lvm-train --config configs/clip_b16.py --workdir gs://bucket/clip_b16 \
              --config.data.path='/data/laion2b/{00000..99999}.tar' \
              --config.data.eval_path='/data/laion2b-heldout/{00000..00001}.tar' \
              --config.evals.classnames_file=/data/imagenet_classnames.txt

@@ -1,6 +1,6 @@
 """SigLIP ViT-B/16 (sigmoid loss) from scratch on web image-text pairs (webdataset shards).
 
-Command:   lvm-train --config configs/siglip_b16.py --workdir /mnt/bucket/siglip_b16 \
+Command:   lvm-train --config configs/siglip_b16.py --workdir gs://bucket/siglip_b16 \
              --config.data.path='/data/datacomp1b/{00000000..00139999}.tar' \
              --config.data.eval_path='/data/datacomp-heldout/{00000..00001}.tar' \
              --config.evals.classnames_file=/data/imagenet_classnames.txt

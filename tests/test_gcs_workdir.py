@@ -77,18 +77,46 @@ def bucket(emulator):
     return GCSFileSystem(endpoint_url=emulator, token="anon")
 
 
-def _run(module: str, workdir: str, emulator: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "STORAGE_EMULATOR_HOST": emulator, "TENSORSTORE_GCS_HTTP_URL": emulator,
-           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator-accepts-any-token",
-           # gcsfs would first ask GCS's gRPC control API for the bucket type, which the emulator
-           # does not serve (a 60 s timeout per bucket access); the JSON API is all it needs.
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    cmd = [sys.executable, "-m", module, "--config", CONFIG, "--workdir", workdir, *ARGS, *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _env(emulator: str, devices: int = 2, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "STORAGE_EMULATOR_HOST": emulator, "TENSORSTORE_GCS_HTTP_URL": emulator,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator-accepts-any-token",
+            # gcsfs would first ask GCS's gRPC control API for the bucket type, which the emulator
+            # does not serve (a 60 s timeout per bucket access); the JSON API is all it needs.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", **extra}
+
+
+def _cmd(module: str, workdir: str) -> list[str]:
+    return [sys.executable, "-m", module, "--config", CONFIG, "--workdir", workdir, *ARGS]
+
+
+def _run(module: str, workdir: str, emulator: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_cmd(module, workdir), cwd=ROOT, env=_env(emulator), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _run_pod(workdir: str, emulator: str, processes: int = 2, devices_each: int = 4) -> list[str]:
+    """lvm-train as on a TPU pod: `processes` JAX processes (localhost coordinator) on one workdir."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_cmd("train", workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env(emulator, devices_each, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                  JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)))
+             for i in range(processes)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            p.kill()
+    return outs
 
 
 def _metrics(text: str) -> list[dict]:
@@ -124,3 +152,27 @@ def test_a_gs_workdir_run_equals_a_local_run_resumes_and_evaluates(tmp_path, emu
     _run("train.evaluate", run, emulator)
     evaluated = json.loads(bucket.cat(f"{root}/eval/lvm_eval_step_00000006.json"))
     assert evaluated == local_eval
+
+
+@pytest.mark.slow
+def test_a_pod_of_two_processes_shares_one_gs_workdir_and_resumes_exactly(tmp_path, emulator, bucket):
+    """A TPU pod's shape: 2 processes x 4 devices write one run into the bucket (one checkpoint, one
+    metrics.jsonl, each process's data-iterator position), lose the last checkpoint, resume; the
+    losses and final eval equal those of the same pod run straight through on a local disk."""
+    straight = tmp_path / "straight"
+    _run_pod(str(straight), emulator)
+    run = f"gs://{BUCKET}/pod"
+    _run_pod(run, emulator)
+    root = f"{BUCKET}/pod"
+    data_files = [p.rsplit("/", 1)[-1] for p in bucket.ls(f"{root}/checkpoints/3/data")]
+    assert sorted(f for f in data_files if f.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    bucket.rm(f"{root}/checkpoints/6", recursive=True)
+    resumed = _run_pod(run, emulator)
+    assert f"Resumed from {run}/checkpoints/3" in resumed[0]
+
+    want = _metrics((straight / "metrics.jsonl").read_text())
+    got = _metrics(bucket.cat(f"{root}/metrics.jsonl").decode())
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert json.loads(bucket.cat(f"{root}/eval/latest.json")) == json.loads(
+        (straight / "eval" / "latest.json").read_text())
