@@ -31,18 +31,32 @@ def as_path(location: str | os.PathLike, what: str = "--workdir") -> epath.Path:
     Local paths are made absolute: orbax requires it, and a later chdir must not move the run.
     """
     text = os.fspath(location)
-    scheme, sep, rest = text.partition("://")
+    scheme, sep, _ = text.partition("://")
     if not sep:
         return epath.Path(os.path.abspath(text))
     if scheme not in REMOTE_SCHEMES:
-        store = rest.split("/", 1)[0]
-        raise UserError(f"{what} {text}: {scheme}:// is not supported (gs:// and local paths are); mount "
-                        f"the store on every host and pass the mounted path, e.g. {what} /mnt/{store}/run.")
+        _refuse_url(text, what, "gs:// and local paths are")
     # etils reads gs:// through TensorFlow's gfile when it is installed, else through gcsfs.
     if importlib.util.find_spec("gcsfs") is None and importlib.util.find_spec("tensorflow") is None:
         raise UserError(f"{what} {text} needs gcsfs to write to the bucket; install it with "
                         "pip install 'lvm_jax[gcs]' (or pip install gcsfs).")
     return epath.Path(text)
+
+
+def require_local(location: str | os.PathLike | None, what: str) -> None:
+    """Refuses a URL where a tool writes through the local filesystem (lvm-curate, lvm-convert).
+
+    Without this, pathlib/os.makedirs would turn `gs://b/x` into a local directory `gs:/b/x`.
+    """
+    if location is not None and "://" in os.fspath(location):
+        _refuse_url(os.fspath(location), what, "only local paths are")
+
+
+def _refuse_url(text: str, what: str, supported: str) -> None:
+    scheme, _, rest = text.partition("://")
+    store, _, inner = rest.partition("/")
+    raise UserError(f"{what} {text}: {scheme}:// is not supported here ({supported}); mount the store "
+                    f"(e.g. gcsfuse or NFS) and pass the mounted path, e.g. {what} /mnt/{store}/{inner or 'run'}.")
 
 
 def is_remote(path: epath.Path | str) -> bool:

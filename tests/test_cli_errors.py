@@ -40,7 +40,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("url, fix", [
-    ("s3://my-bucket/run", "s3:// is not supported (gs:// and local paths are)"),
+    ("s3://my-bucket/run", "s3:// is not supported here (gs:// and local paths are)"),
     ("http://host/run", "http:// is not supported"),
 ])
 def test_an_unsupported_url_workdir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, url, fix):
@@ -51,7 +51,7 @@ def test_an_unsupported_url_workdir_is_refused_before_anything_is_written(tmp_pa
     rc = train_main(["--config", str(ROOT / CONFIG), "--workdir", url])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert fix in err and "mount" in err
+    assert fix in err and "mount" in err and "/mnt/" in err
     assert not any(tmp_path.iterdir())  # no local 's3:' directory
 
 

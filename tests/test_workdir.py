@@ -27,7 +27,7 @@ def test_a_gs_workdir_without_a_gcs_client_names_the_install(monkeypatch):
 
 
 def test_an_unknown_scheme_names_the_mount_fix():
-    with pytest.raises(UserError, match=r"az:// is not supported .* --config.init_from /mnt/acct/run"):
+    with pytest.raises(UserError, match=r"az:// is not supported .* --config.init_from /mnt/acct/run/x"):
         workdir.as_path("az://acct/run/x", what="--config.init_from")
 
 
@@ -52,3 +52,27 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     workdir.write_json(path, {"top1": 0.75})
     assert json.loads(path.read_text()) == {"top1": 0.75}
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.json"]  # no .tmp left behind
+
+
+@pytest.mark.parametrize("argv", [
+    ["lvm_jax.curation", "embeddings", "--curated", "c.npy", "--pool", "p.npy", "--out", "gs://b/curated"],
+    ["lvm_jax.convert", "model.safetensors", "gs://b/converted"],
+    ["lvm_jax.convert", "gs://b/model.safetensors", "converted"],
+])
+def test_tools_that_write_local_files_refuse_a_url_with_the_mount_fix(tmp_path, monkeypatch, capsys, argv):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(argv[0] + ".__main__").main
+    assert main(argv[1:]) == 2
+    err = capsys.readouterr().err
+    assert "gs:// is not supported here (only local paths are)" in err and "/mnt/b/" in err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())
+
+
+def test_lvm_bench_json_refuses_an_unsupported_url_before_it_measures(capsys):
+    from lvm_jax.bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "vit", "--variant", "Ti/16", "--json", "s3://b/bench.json"])
+    assert e.value.code == 2 and "s3:// is not supported here" in capsys.readouterr().err

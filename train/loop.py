@@ -160,7 +160,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                 values = _to_float(metrics)
                 if not all(math.isfinite(v) for k, v in values.items() if k == "loss"):
                     checkpointer.wait()
-                    if metrics_log:
+                    if metrics_log is not None:
                         metrics_log.flush()
                     raise UserError(
                         f"The loss became {values.get('loss')} at step {step}; stopping and keeping the last good "
@@ -182,7 +182,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             if must_save:
                 checkpointer.save(step, state, train_iter, force=True)
                 last_saved = step
-                if metrics_log:
+                if metrics_log is not None:
                     metrics_log.flush()
             if preempt.requested:
                 if is_main:

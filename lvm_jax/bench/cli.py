@@ -107,6 +107,10 @@ def validate(args: argparse.Namespace) -> None:
   if args.attention == "cudnn" and args.dtype == "float32":
     raise BenchError("--attention cudnn needs --dtype bfloat16 (cuDNN flash attention has no float32 kernel).")
   args.mesh_spec = parse_mesh(args.mesh)
+  if args.json:  # a bad --json URL fails now, not after the benchmark ran
+    from lvm_jax.workdir import as_path
+
+    as_path(args.json, what="--json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,9 +237,7 @@ def ratio_lines(ratios: list[dict[str, Any]]) -> list[str]:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=False)
-  os.replace(tmp, path)
+  """Writes the results to a local path or a gs:// URL, whole (a reader never sees half a file)."""
+  from lvm_jax.workdir import as_path, write_whole
+
+  write_whole(as_path(path, what="--json"), json.dumps(payload, indent=2, sort_keys=False))

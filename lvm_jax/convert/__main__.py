@@ -22,6 +22,7 @@ from lvm_jax.cli import run_cli
 from lvm_jax.convert import FORMATS, detect_format, from_checkpoint, read_checkpoint, save_converted
 from lvm_jax.convert.core import ConversionError, flatten
 from lvm_jax.convert.pretrained import model_config
+from lvm_jax.workdir import require_local
 
 
 def _parse_value(text: str) -> Any:
@@ -88,6 +89,8 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="let torch unpickle arbitrary objects (only for files you trust)")
     args = parser.parse_args(argv)
+    require_local(args.src, "src")
+    require_local(args.dst, "dst")
     checkpoint = read_checkpoint(args.src, allow_pickle=args.allow_pickle)
     fmt = args.format or detect_format(checkpoint)
     model, variables = from_checkpoint(checkpoint, fmt, **parse_overrides(args.set))

@@ -25,6 +25,7 @@ import sys
 
 from lvm_jax.cli import run_cli
 from lvm_jax.errors import UserError
+from lvm_jax.workdir import require_local
 
 
 def _distributed_args(p: argparse.ArgumentParser) -> None:
@@ -175,6 +176,7 @@ def _main(argv: list[str]) -> int:
     spec, overrides, rest = split_config_args(argv)
     args = build_parser().parse_args(rest)
     args.config, args.overrides = spec, overrides
+    require_local(getattr(args, "out", None), "--out")
     if args.command == "embeddings":
         if spec or overrides:
             raise UserError("`lvm-curate embeddings` takes flags, not --config; see --help.")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lvm_jax.curation.index import INDEX_FILE, Comm, shard_file
 from lvm_jax.errors import UserError
+from lvm_jax.workdir import require_local
 
 FEATURES = ("auto", "cls", "pooled", "pre_logits", "patch_mean")
 
@@ -361,6 +362,7 @@ def _load(args, need_out: bool = True):
         raise UserError(f"`lvm-curate {args.command}` needs --config, e.g. --config configs/curate_synthetic.py.")
     config = load_config(args.config, args.overrides)
     out = args.out or config.get("out") or ""
+    require_local(config.get("out"), "config.out")
     if not out and (need_out or not args.out):
         raise UserError("no output directory: pass --out DIR or set config.out.")
     return config, out
