@@ -10,13 +10,18 @@ because GCS objects cannot be appended to (`MetricsLog`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import pathlib
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
+from tqdm import tqdm
 
 from lvm_jax.errors import UserError
 
@@ -86,6 +91,52 @@ def save_figure(fig: Any, path: epath.Path | str, dpi: int = 100) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         fig.savefig(f, format="png", dpi=dpi)
+
+
+@contextlib.contextmanager
+def local_copy(location: str, what: str) -> Iterator[str]:
+    """`location` itself when local; a gs:// file or directory copied to a temporary directory for the block.
+
+    The weight readers (safetensors, torch.load, zip archives, orbax) then read local files. From an
+    lvm-train workdir only its newest checkpoint is copied, not every checkpoint and the compile cache.
+    """
+    if not is_remote(location):
+        yield location
+        return
+    src = as_path(location, what=what)
+    if not src.exists():
+        raise UserError(f"{what}={location} does not exist (or these credentials cannot list it); "
+                        "check the URL with gsutil ls.")
+    with tempfile.TemporaryDirectory(prefix="lvm_init_from_") as tmp:
+        dst = pathlib.Path(tmp) / src.name
+        files = files_to_read(src)
+        with tqdm(total=sum(f.stat().length for f in files), unit="B", unit_scale=True,
+                  desc=f"copying {location}") as bar:
+            for f in files:
+                target = dst / f.relative_to(src) if f != src else dst
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with f.open("rb") as r, open(target, "wb") as w:
+                    while chunk := r.read(1 << 24):
+                        w.write(chunk)
+                        bar.update(len(chunk))
+        yield str(dst)
+
+
+def files_to_read(src: epath.Path) -> list[epath.Path]:
+    """The files under `src` a weight reader needs: all of them, except that an lvm-train workdir
+    (it has checkpoints/) gives only its newest `checkpoints/<step>/`."""
+    if not src.is_dir():
+        return [src]
+    checkpoints = src / "checkpoints"
+    if checkpoints.is_dir():
+        steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+        if steps:
+            src = checkpoints / str(steps[-1])
+    files, pending = [], [src]
+    while pending:  # gs:// paths have no recursive glob: walk the tree
+        for p in pending.pop().iterdir():
+            (pending if p.is_dir() else files).append(p)
+    return sorted(files)
 
 
 class MetricsLog:

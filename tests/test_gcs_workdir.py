@@ -87,8 +87,8 @@ def _env(emulator: str, devices: int = 2, **extra: str) -> dict[str, str]:
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", **extra}
 
 
-def _cmd(module: str, workdir: str) -> list[str]:
-    return [sys.executable, "-m", module, "--config", CONFIG, "--workdir", workdir, *ARGS]
+def _cmd(module: str, workdir: str, args: list[str] = ARGS) -> list[str]:
+    return [sys.executable, "-m", module, "--config", CONFIG, "--workdir", workdir, *args]
 
 
 def _run(module: str, workdir: str, emulator: str) -> subprocess.CompletedProcess:
@@ -176,3 +176,36 @@ def test_a_pod_of_two_processes_shares_one_gs_workdir_and_resumes_exactly(tmp_pa
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     assert json.loads(bucket.cat(f"{root}/eval/latest.json")) == json.loads(
         (straight / "eval" / "latest.json").read_text())
+
+
+def test_init_from_reads_converted_weights_from_a_bucket(tmp_path, emulator, bucket):
+    """`--config.init_from=gs://...`: the converted checkpoint is copied locally and loaded exactly."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from lvm_jax.convert.pretrained import save_converted
+    from tests.helpers import tiny_supervised_config
+    from train.tasks.common import build_vit
+
+    config = tiny_supervised_config()
+    model = build_vit(config.model, num_classes=10)
+    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 16, 16, 3))))
+    save_converted(tmp_path / "pretrained", model, variables, format="lvm", source="test")
+    bucket.put(str(tmp_path / "pretrained"), f"{BUCKET}/weights/pretrained", recursive=True)
+
+    # lr 0: the one step changes nothing, so the checkpoint holds exactly the loaded weights.
+    workdir = tmp_path / "w"
+    cmd = _cmd("train", str(workdir), [f"--config.init_from=gs://{BUCKET}/weights/pretrained", "--config.optim.lr=0.0",
+                                       "--config.total_steps=1", "--config.ckpt_every=0",
+                                       "--config.optim.warmup_steps=0", "--config.compile_cache_dir=none"])
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(emulator), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "1" / "state")
+    got = jax.tree_util.tree_leaves_with_path(restored["params"])
+    want = jax.tree_util.tree_leaves(variables["params"])
+    assert len(got) == len(want)
+    for (path, g), w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=jax.tree_util.keystr(path))

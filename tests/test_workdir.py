@@ -76,3 +76,19 @@ def test_lvm_bench_json_refuses_an_unsupported_url_before_it_measures(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "vit", "--variant", "Ti/16", "--json", "s3://b/bench.json"])
     assert e.value.code == 2 and "s3:// is not supported here" in capsys.readouterr().err
+
+
+def test_from_a_training_run_only_its_newest_checkpoint_is_copied(tmp_path):
+    run = tmp_path / "run"
+    for name in ("checkpoints/3/state/a", "checkpoints/12/state/b", "checkpoints/12/data/c",
+                 "compile_cache/cpu/d", "metrics.jsonl"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    got = [os.fspath(p.relative_to(run)) for p in workdir.files_to_read(workdir.as_path(run))]
+    assert got == ["checkpoints/12/data/c", "checkpoints/12/state/b"]
+    converted = tmp_path / "converted"  # not a training run: every file
+    (converted / "params" / "x").mkdir(parents=True)
+    (converted / "model.json").write_text("{}")
+    (converted / "params" / "x" / "y").write_text("1")
+    got = [os.fspath(p.relative_to(converted)) for p in workdir.files_to_read(workdir.as_path(converted))]
+    assert got == ["model.json", "params/x/y"]

@@ -109,7 +109,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             state = create_state(task, state_shardings, rng)
             start_step = 0
             if config.get("init_from"):
-                state = task.load_pretrained(state, config.init_from)
+                with run_dir.local_copy(config.init_from, what="config.init_from") as init_from:
+                    state = task.load_pretrained(state, init_from)
         else:
             state = checkpointer.restore(start_step, restore_target(abstract, state_shardings), train_iter)
             if is_main:
