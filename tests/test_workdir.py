@@ -57,7 +57,6 @@ def test_write_json_replaces_the_file_whole(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["lvm_jax.curation", "embeddings", "--curated", "c.npy", "--pool", "p.npy", "--out", "gs://b/curated"],
     ["lvm_jax.convert", "model.safetensors", "gs://b/converted"],
-    ["lvm_jax.convert", "gs://b/model.safetensors", "converted"],
 ])
 def test_tools_that_write_local_files_refuse_a_url_with_the_mount_fix(tmp_path, monkeypatch, capsys, argv):
     import importlib
@@ -68,6 +67,15 @@ def test_tools_that_write_local_files_refuse_a_url_with_the_mount_fix(tmp_path, 
     err = capsys.readouterr().err
     assert "gs:// is not supported here (only local paths are)" in err and "/mnt/b/" in err
     assert "Traceback" not in err and not any(tmp_path.iterdir())
+
+
+def test_lvm_convert_reads_gs_but_refuses_another_url_as_src(tmp_path, monkeypatch, capsys):
+    from lvm_jax.convert.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["s3://b/model.safetensors", "converted"]) == 2
+    err = capsys.readouterr().err
+    assert "s3:// is not supported here (gs:// and local paths are)" in err and "Traceback" not in err
 
 
 def test_lvm_bench_json_refuses_an_unsupported_url_before_it_measures(capsys):

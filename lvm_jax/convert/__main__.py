@@ -22,7 +22,7 @@ from lvm_jax.cli import run_cli
 from lvm_jax.convert import FORMATS, detect_format, from_checkpoint, read_checkpoint, save_converted
 from lvm_jax.convert.core import ConversionError, flatten
 from lvm_jax.convert.pretrained import model_config
-from lvm_jax.workdir import require_local
+from lvm_jax.workdir import local_copy, require_local
 
 
 def _parse_value(text: str) -> Any:
@@ -89,12 +89,12 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="let torch unpickle arbitrary objects (only for files you trust)")
     args = parser.parse_args(argv)
-    require_local(args.src, "src")
     require_local(args.dst, "dst")
-    checkpoint = read_checkpoint(args.src, allow_pickle=args.allow_pickle)
-    fmt = args.format or detect_format(checkpoint)
-    model, variables = from_checkpoint(checkpoint, fmt, **parse_overrides(args.set))
-    out = save_converted(args.dst, model, variables, format=fmt, source=str(args.src))
+    with local_copy(args.src, what="src") as src:  # a gs:// checkpoint is read from a local copy
+        checkpoint = read_checkpoint(src, allow_pickle=args.allow_pickle)
+        fmt = args.format or detect_format(checkpoint)
+        model, variables = from_checkpoint(checkpoint, fmt, **parse_overrides(args.set))
+        out = save_converted(args.dst, model, variables, format=fmt, source=str(args.src))
     count = sum(int(np.prod(v.shape)) for v in flatten(variables["params"]).values())
     print(f"wrote {type(model).__name__} ({count / 1e6:.1f}M params) to {out}")
     print("fine-tune with: --config.init_from=" + str(out))
