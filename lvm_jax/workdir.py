@@ -5,7 +5,10 @@ Everything lvm-train and lvm-eval write goes through an `etils.epath.Path`, so
 and XLA's compile cache take such paths as they are; JSON files and plots are
 written whole (a GCS object is replaced atomically, never seen half-written);
 and metrics.jsonl, appended to on a local disk, is rewritten whole in a bucket
-because GCS objects cannot be appended to (`MetricsLog`).
+because GCS objects cannot be appended to (`MetricsLog`). Inputs that readers
+need as local files (`config.init_from`, lvm-convert's SRC) are copied out of
+the bucket first (`local_copy`); tools that only write local files refuse URLs
+(`require_local`) instead of creating a directory named `gs:`.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def local_copy(location: str, what: str) -> Iterator[str]:
     if not src.exists():
         raise UserError(f"{what}={location} does not exist (or these credentials cannot list it); "
                         "check the URL with gsutil ls.")
-    with tempfile.TemporaryDirectory(prefix="lvm_init_from_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lvm_copy_") as tmp:
         dst = pathlib.Path(tmp) / src.name
         files = files_to_read(src)
         with tqdm(total=sum(f.stat().length for f in files), unit="B", unit_scale=True,
