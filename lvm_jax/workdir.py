@@ -127,14 +127,13 @@ def local_copy(location: str, what: str) -> Iterator[str]:
 
 def files_to_read(src: epath.Path) -> list[epath.Path]:
     """The files under `src` a weight reader needs: all of them, except that an lvm-train workdir
-    (it has checkpoints/) gives only its newest `checkpoints/<step>/`."""
+    or its checkpoints/ directory gives only the newest `checkpoints/<step>/`."""
     if not src.is_dir():
         return [src]
-    checkpoints = src / "checkpoints"
-    if checkpoints.is_dir():
-        steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-        if steps:
-            src = checkpoints / str(steps[-1])
+    checkpoints = src / "checkpoints" if (src / "checkpoints").is_dir() else src
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir())
+    if steps:
+        src = checkpoints / str(steps[-1])
     files, pending = [], [src]
     while pending:  # gs:// paths have no recursive glob: walk the tree
         for p in pending.pop().iterdir():

@@ -94,6 +94,8 @@ def test_from_a_training_run_only_its_newest_checkpoint_is_copied(tmp_path):
         (run / name).write_text("x")
     got = [os.fspath(p.relative_to(run)) for p in workdir.files_to_read(workdir.as_path(run))]
     assert got == ["checkpoints/12/data/c", "checkpoints/12/state/b"]
+    got = [os.fspath(p.relative_to(run)) for p in workdir.files_to_read(workdir.as_path(run / "checkpoints"))]
+    assert got == ["checkpoints/12/data/c", "checkpoints/12/state/b"]
     converted = tmp_path / "converted"  # not a training run: every file
     (converted / "params" / "x").mkdir(parents=True)
     (converted / "model.json").write_text("{}")
