@@ -46,6 +46,25 @@ def test_metrics_log_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_pat
     assert workdir.MetricsLog(path, resume_step=0).records == [] and path.read_text() == ""
 
 
+def test_a_bucket_metrics_log_uploads_at_most_every_interval_and_on_flush(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(workdir.time, "monotonic", lambda: clock[0])
+    path = workdir.as_path(tmp_path / "metrics.jsonl")
+    log = workdir.MetricsLog(path, resume_step=0, upload_every_s=60.0)
+    log.remote = True  # a bucket object: no appends, whole rewrites (here through the local file's path)
+    log.append({"step": 1})
+    clock[0] += 59
+    log.append({"step": 2})
+    assert not path.exists()  # nothing uploaded within the interval
+    clock[0] += 1
+    log.append({"step": 3})
+    assert _steps(path) == [1, 2, 3]
+    log.append({"step": 4})
+    assert _steps(path) == [1, 2, 3]
+    log.flush()  # the loop flushes at every checkpoint
+    assert _steps(path) == [1, 2, 3, 4]
+
+
 def test_write_json_replaces_the_file_whole(tmp_path):
     path = workdir.as_path(tmp_path / "eval" / "latest.json")
     workdir.write_json(path, {"top1": 0.5})
