@@ -123,6 +123,7 @@ def _metrics(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+@pytest.mark.slow  # 60-90 s on 2 cores: four lvm-train/lvm-eval processes
 def test_a_gs_workdir_run_equals_a_local_run_resumes_and_evaluates(tmp_path, emulator, bucket):
     local = tmp_path / "local"
     _run("train", str(local), emulator)
