@@ -33,6 +33,7 @@ def _send_generation_on_download() -> None:
     updates stay consistent); without it every read of a rewritten manifest fails.
     """
     from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.handlers import objects
 
     original = objects.download
@@ -43,7 +44,7 @@ def _send_generation_on_download() -> None:
         try:
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = str(obj["generation"])
-        except Exception:  # a missing object: the original handler answers 404
+        except NotFound:  # the original handler answers 404
             pass
         return original(request, response, storage, *args, **kwargs)
 
