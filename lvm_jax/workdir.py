@@ -56,7 +56,7 @@ def require_local(location: str | os.PathLike | None, what: str) -> None:
 
     Without this, pathlib/os.makedirs would turn `gs://b/x` into a local directory `gs:/b/x`.
     """
-    if location is not None and "://" in os.fspath(location):
+    if location is not None and is_remote(location):
         _refuse_url(os.fspath(location), what, "only local paths are")
 
 
