@@ -1,11 +1,13 @@
 """CLIP ViT-B/16 from scratch on web image-text pairs (LAION / DataComp webdataset shards).
 
 Command:   lvm-train --config configs/clip_b16.py --workdir gs://bucket/clip_b16 \
-             --config.data.path='/data/laion2b/{00000..99999}.tar' \
-             --config.data.eval_path='/data/laion2b-heldout/{00000..00001}.tar' \
+             --config.data.path='gs://bucket/laion2b/{00000..99999}.tar' \
+             --config.data.eval_path='gs://bucket/laion2b-heldout/{00000..00001}.tar' \
              --config.evals.classnames_file=/data/imagenet_classnames.txt
            (zero-shot reads TFDS imagenet2012 prepared locally; --config.evals.zeroshot_data.source=folder
            --config.evals.zeroshot_data.path=/data/imagenet reads root/{train,val}/<class>/ instead)
+           Shards in a bucket are read with one ranged GET per image: raise --config.data.read_threads
+           (records in flight per host, default 16) if the input pipeline cannot keep up.
 Hardware:  TPU v4-256 / 32 x 8 H100 (global batch 32768, 128 per chip); on fewer chips keep the
            batch and raise --config.optim.grad_accum (GradCache: the contrastive batch stays 32768).
 Time:      ~390k steps = 12.8B samples seen (OpenAI CLIP's 32 epochs of 400M pairs).
@@ -76,7 +78,7 @@ def get_config(arg=None):
         source="webdataset", path="/data/laion2b/{00000..99999}.tar",
         eval_path="/data/laion2b-heldout/{00000..00001}.tar",  # retrieval eval: a few held-out shards
         index_dir="", name="", train_split="train", eval_split="validation",
-        image_size=224, worker_count=16, decode_errors="skip",
+        image_size=224, worker_count=16, prefetch=2, read_threads=16, decode_errors="skip",
         rrc_scale=(0.9, 1.0), hflip=False,  # open_clip's train crop; no flips (captions say "left")
         eval_resize_ratio=1.0,  # resize the short side to 224, centre crop 224
         mean=OPENAI_MEAN, std=OPENAI_STD,

@@ -83,7 +83,7 @@ def get_config(arg=None):
         # captions / webdataset sources (see lvm_jax/data/captions.py): the eval split is eval_path,
         # else a fixed-seed hold-out of the images
         eval_path="", holdout_fraction=0.1, image_root="", image_column="", caption_column="", index_dir="",
-        image_size=32, worker_count=0, decode_errors="skip",
+        image_size=32, worker_count=0, prefetch=2, read_threads=8, decode_errors="skip",
         rrc_scale=None,  # captions name positions and sizes: no crops ...
         hflip=False,  # ... and no flips ("left side")
         caption_word_dropout=0.1,  # training captions: drop each word with this probability (>= 1 word kept)

@@ -62,7 +62,7 @@ def get_config(arg=None):
     c.data = ml_collections.ConfigDict(dict(
         source="folder", path="", name="", train_split="train", eval_split="validation",
         holdout_fraction=0.01, image_size=224, eval_resize_ratio=0.875, worker_count=16, eval_worker_count=8,
-        decode_errors="skip",
+        prefetch=2, read_threads=16, decode_errors="skip",
         crops=ml_collections.ConfigDict(dict(
             global_size=224, local_size=98, num_local_crops=8, global_scale=(0.32, 1.0),
             local_scale=(0.05, 0.32), released_code_blur=False)),

@@ -59,7 +59,7 @@ def get_config(arg=None):
 
     c.data = ml_collections.ConfigDict(dict(
         source="tfds", name="imagenet2012", path="", train_split="train", eval_split="validation",
-        image_size=224, eval_resize_ratio=0.875, worker_count=16, eval_worker_count=8, decode_errors="skip",
+        image_size=224, eval_resize_ratio=0.875, worker_count=16, eval_worker_count=8, prefetch=2, read_threads=16, decode_errors="skip",
         crops=ml_collections.ConfigDict(dict(
             global_size=224, local_size=98, num_local_crops=8, global_scale=(0.32, 1.0),
             local_scale=(0.05, 0.32), released_code_blur=False)),

@@ -28,7 +28,7 @@ def get_config(arg=None):
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="folder", name="", path="", train_split="train", eval_split="validation",
-        image_size=224, worker_count=8, prefetch=4, decode_errors="skip",
+        image_size=224, worker_count=8, prefetch=4, read_threads=16, decode_errors="skip",
         rrc_scale=(0.25, 1.0), rrc_ratio=(3 / 4, 4 / 3), hflip=True, randaugment=None, eval_resize_ratio=0.875,
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # timm augreg / big_vision ViTs are trained with [-1, 1] inputs
         synthetic=ml_collections.ConfigDict(dict(num_train=20000, num_eval=2000, seed=0, image_size=224,

@@ -28,7 +28,7 @@ def get_config(arg=None):
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="tfds", name="imagenet2012", path="", train_split="train", eval_split="validation",
-        image_size=224, worker_count=16, prefetch=4, decode_errors="skip",
+        image_size=224, worker_count=16, prefetch=4, read_threads=16, decode_errors="skip",
         rrc_scale=(0.05, 1.0), rrc_ratio=(3 / 4, 4 / 3), hflip=True, randaugment=(2, 10), eval_resize_ratio=0.875,
         synthetic=ml_collections.ConfigDict(dict(num_train=0, num_eval=0, seed=0, image_size=224, num_classes=10)),
     ))

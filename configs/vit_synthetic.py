@@ -56,7 +56,7 @@ def get_config(arg=None):
 
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", path="", name="", train_split="train", eval_split="validation",
-        image_size=32, worker_count=0, prefetch=2, decode_errors="skip",
+        image_size=32, worker_count=0, prefetch=2, read_threads=8, decode_errors="skip",
         rrc_scale=(0.6, 1.0), rrc_ratio=(3 / 4, 4 / 3), hflip=True, randaugment=None,
         eval_resize_ratio=1.0,
         synthetic=ml_collections.ConfigDict(dict(

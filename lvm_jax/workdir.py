@@ -39,16 +39,21 @@ def as_path(location: str | os.PathLike, what: str = "--workdir") -> epath.Path:
     Local paths are made absolute: orbax requires it, and a later chdir must not move the run.
     """
     text = os.fspath(location)
-    scheme, sep, _ = text.partition("://")
-    if not sep:
+    if not is_remote(text):
         return epath.Path(os.path.abspath(text))
-    if scheme not in REMOTE_SCHEMES:
-        _refuse_url(text, what, "gs:// and local paths are")
-    # etils reads gs:// through TensorFlow's gfile when it is installed, else through gcsfs.
-    if importlib.util.find_spec("gcsfs") is None and importlib.util.find_spec("tensorflow") is None:
-        raise UserError(f"{what} {text} needs gcsfs to write to the bucket; install it with "
-                        "pip install 'lvm_jax[gcs]' (or pip install gcsfs).")
+    check_url(text, what)
     return epath.Path(text)
+
+
+def check_url(url: str, what: str) -> None:
+    """Raises the fix for a URL this library cannot use: an unsupported scheme, or gs:// without gcsfs."""
+    scheme = url.partition("://")[0]
+    if scheme not in REMOTE_SCHEMES:
+        _refuse_url(url, what, "gs:// and local paths are")
+    # etils and the data readers reach gs:// through gcsfs (etils also through TensorFlow's gfile).
+    if importlib.util.find_spec("gcsfs") is None and importlib.util.find_spec("tensorflow") is None:
+        raise UserError(f"{what} {url} needs gcsfs to reach the bucket; install it with "
+                        "pip install 'lvm_jax[gcs]' (or pip install gcsfs).")
 
 
 def require_local(location: str | os.PathLike | None, what: str) -> None:

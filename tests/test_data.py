@@ -328,22 +328,27 @@ def _prepare_tiny_tfds(data_dir):
   """A 3-class array_record TFDS data set written without TensorFlow (Tensor features)."""
   import tensorflow_datasets as tfds
 
-  class LvmTinyShapes(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
+  # Unregistered, as a user's prepared data set is: the readers find it from its files alone (and a
+  # second call in the same process does not clash). A one-part __module__ keeps tfds from looking
+  # for the builder's source file (that lookup needs importlib_resources, which tfds does not install).
+  with tfds.core.registered.skip_registration():
+    class LvmTinyShapes(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version("1.0.0")
+      __module__ = "lvm_tiny_shapes"
 
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Tensor(shape=(12, 12, 3), dtype=np.uint8),
-          "label": tfds.features.ClassLabel(names=["red", "green", "blue"])}))
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(12, 12, 3), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=["red", "green", "blue"])}))
 
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(9), "test": self._generate_examples(6)}
+      def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(9), "test": self._generate_examples(6)}
 
-    def _generate_examples(self, n):
-      for i in range(n):
-        image = np.zeros((12, 12, 3), np.uint8)
-        image[..., i % 3] = 200  # the label is the lit channel
-        yield i, {"image": image, "label": i % 3}
+      def _generate_examples(self, n):
+        for i in range(n):
+          image = np.zeros((12, 12, 3), np.uint8)
+          image[..., i % 3] = 200  # the label is the lit channel
+          yield i, {"image": image, "label": i % 3}
 
   LvmTinyShapes(data_dir=data_dir, file_format="array_record").download_and_prepare()
 

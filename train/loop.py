@@ -89,8 +89,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     loader = lvm_data.make_loader(
         train_source, task.train_transforms(), batch_size=local_batch, shuffle=True,
         seed=int(config.get("seed", 0)), num_epochs=None,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-        worker_count=int(config.data.get("worker_count", 0)), drop_remainder=True)
+        shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True,
+        **lvm_data.loader_options(config.data))
     train_iter = iter(loader)
     task.total_steps = total_steps
     task.workdir = workdir

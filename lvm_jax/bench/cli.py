@@ -4,6 +4,7 @@
   lvm-bench --model clip --variant B/16 --batch 256 --dtype bfloat16 --attention cudnn --json clip.json
   lvm-bench --model dinov2 --variant S/14 --batch 64 --dtype bfloat16
   lvm-bench --model data --batch 64 --res 224            # the input pipeline's own img/s
+  lvm-bench --model data --data-source webdataset --data-path 'gs://b/laion/{00000..00009}.tar' --workers 8
   lvm-bench --suite gpu --json results.json              # the H100/H200 suite (scripts/gpu_suite.sh)
 
 Each run: compile once (AOT), `--warmup` steps, then `--steps` timed steps
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=10, help="timed steps (default 10; the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
   p.add_argument("--workers", type=int, default=0, help="--model data: grain worker processes (default 0)")
+  p.add_argument("--data-source", default="synthetic",
+                 help="--model data: a config.data.source (synthetic, folder, captions, webdataset, tfds, ...)")
+  p.add_argument("--data-path", help="--model data: its config.data.path (a local path or gs:// URL)")
+  p.add_argument("--data-name", help="--model data --data-source tfds: the TFDS data set name (config.data.name)")
+  p.add_argument("--read-threads", type=int, default=8,
+                 help="--model data: records read in flight (config.data.read_threads; default 8)")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
   p.add_argument("--suite", choices=("gpu",), help="run a predefined suite (gpu: ViT-B/L, CLIP-B, DINOv2-S/L)")
   p.add_argument("--budget-s", type=float, default=330.0, help="--suite: wall-clock budget in seconds")
@@ -102,6 +109,17 @@ def validate(args: argparse.Namespace) -> None:
                      f"use e.g. --res {max(patch, args.res // patch * patch)}.")
   if args.steps < 1 or args.warmup < 0:
     raise BenchError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}.")
+  if args.model != "data" and (args.data_source != "synthetic" or args.data_path or args.data_name):
+    raise BenchError("--data-source/--data-path choose the input of --model data; the model benchmarks "
+                     "feed device-resident synthetic batches.")
+  if args.data_source == "tfds" and not args.data_name:
+    raise BenchError("--data-source tfds needs --data-name (e.g. imagenet2012) and, unless the data set is in "
+                     "~/tensorflow_datasets, --data-path DATA_DIR.")
+  if args.data_source not in ("synthetic", "tfds") and not args.data_path:
+    raise BenchError(f"--data-source {args.data_source} needs --data-path (a folder, caption file or shard "
+                     "glob; local or gs://).")
+  if args.read_threads < 1 or args.workers < 0:
+    raise BenchError(f"--read-threads must be >= 1 and --workers >= 0, got {args.read_threads} and {args.workers}.")
   if args.model == "data" and args.compare:
     raise BenchError("--compare torch needs a model; --model data times only the input pipeline.")
   if args.attention == "cudnn" and args.dtype == "float32":
@@ -164,7 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   spec = spec_from_args(args)
   payload: dict[str, Any] = {"schema": M.SCHEMA, "spec": _spec_dict(spec), "results": [], "ratios": []}
   if args.model == "data":
-    workloads = [J.build_data(spec, workers=args.workers)]
+    workloads = [J.build_data(spec, workers=args.workers, source=args.data_source, path=args.data_path,
+                              name=args.data_name, read_threads=args.read_threads)]
     peak, peak_source = None, "n/a (input pipeline)"
   else:
     mesh = sharding.make_mesh(spec.mesh_dict)

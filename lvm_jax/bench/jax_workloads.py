@@ -446,11 +446,14 @@ def build_dinov2(spec: Spec, mesh) -> Workload:
 
 # ----------------------------------------------------------------------------- input pipeline
 
-def build_data(spec: Spec, workers: int = 0) -> Workload:
-  """The synthetic source + supervised train transforms + grain loader.
+def build_data(spec: Spec, workers: int = 0, source: str = "synthetic", path: str | None = None,
+               name: str | None = None, read_threads: int = 8) -> Workload:
+  """A data source + supervised train transforms + grain loader: the input pipeline's own img/s.
 
-  One timed "step" draws enough batches for 512 images: the source renders
-  (and caches) 256 images at a time, so shorter steps would time the cache.
+  `source`/`path`/`name` as config.data.source/path/name (any source, local or gs://): records are decoded,
+  random-resized-cropped to `spec.res`, flipped and normalised. One timed "step" draws enough
+  batches for 512 images: the synthetic source renders (and caches) 256 images at a time, so
+  shorter steps would time the cache.
   """
   try:
     from lvm_jax import data as lvm_data
@@ -461,11 +464,12 @@ def build_data(spec: Spec, workers: int = 0) -> Workload:
 
   from lvm_jax.bench.measure import rss_peak_gb
 
-  cfg = ml_collections.ConfigDict(dict(source="synthetic", image_size=spec.res, hflip=True,
+  cfg = ml_collections.ConfigDict(dict(source=source, path=path or "", name=name or "", image_size=spec.res, hflip=True,
                                         synthetic=dict(num_train=1_000_000, seed=spec.seed, image_size=spec.res)))
-  source = lvm_data.build_source(cfg, split="train")
-  loader = lvm_data.make_loader(source, lvm_data.supervised_transforms(cfg, train=True), batch_size=spec.batch,
-                                shuffle=True, seed=spec.seed, num_epochs=None, worker_count=workers)
+  records = lvm_data.build_source(cfg, split="train")
+  loader = lvm_data.make_loader(records, lvm_data.supervised_transforms(cfg, train=True), batch_size=spec.batch,
+                                shuffle=True, seed=spec.seed, num_epochs=None, worker_count=workers,
+                                read_threads=read_threads)
   iterator = iter(loader)
   num_batches = max(1, -(-512 // spec.batch))
 
@@ -473,10 +477,11 @@ def build_data(spec: Spec, workers: int = 0) -> Workload:
     for _ in range(num_batches):
       next(iterator)
 
-  return Workload("grain", run, spec.batch * num_batches, None, 0.0, impl="lvm_jax.data.make_loader (synthetic)",
+  what = "synthetic shapes rendered" if source == "synthetic" else f"{source} {path} decoded, random-resized-cropped"
+  return Workload("grain", run, spec.batch * num_batches, None, 0.0, impl=f"lvm_jax.data.make_loader ({source})",
                   peak_mem=rss_peak_gb, mem_source="process peak RSS",
-                  notes=[f"synthetic shapes rendered at {spec.res} px, flip + normalise, worker_count={workers}; "
-                         f"one step = {num_batches} batches"])
+                  notes=[f"{what} at {spec.res} px, flip + normalise, worker_count={workers}, "
+                         f"read_threads={read_threads}; {len(records)} records; one step = {num_batches} batches"])
 
 
 BUILDERS = {"vit": build_vit, "clip": build_clip, "dinov2": build_dinov2}

@@ -6,7 +6,7 @@
                          shard_index=jax.process_index(), shard_count=jax.process_count())
     batch = next(iter(loader))  # image float32 [b, H, W, 3], label int32 [b]
 """
-from lvm_jax.data.pipeline import ShardedSource, benchmark_loader, make_loader
+from lvm_jax.data.pipeline import ShardedSource, benchmark_loader, loader_options, make_loader
 from lvm_jax.data.sources import (SOURCES, ImageFolder, SyntheticShapes, TfdsSource,
                                   build_source, register_source)
 from lvm_jax.data.synthetic import CAPTION_TEMPLATES, CLASS_NAMES, ZEROSHOT_TEMPLATES, Difficulty
@@ -16,6 +16,6 @@ from lvm_jax.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_failure
 __all__ = [
     "CAPTION_TEMPLATES", "CLASS_NAMES", "Difficulty", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolder",
     "SOURCES", "ShardedSource", "SyntheticShapes", "TfdsSource", "ZEROSHOT_TEMPLATES",
-    "benchmark_loader", "build_source", "decode_failures", "make_loader", "register_source",
+    "benchmark_loader", "build_source", "loader_options", "decode_failures", "make_loader", "register_source",
     "supervised_transforms",
 ]

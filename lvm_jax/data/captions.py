@@ -50,6 +50,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from lvm_jax.data import files
 
 ERROR_POLICIES = ("skip", "raise")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -105,8 +108,7 @@ class CaptionsSource:
         index = int(index)
         path = self.image_paths[index]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = files.read_bytes(path)
         except OSError as e:
             if self.errors == "raise":
                 raise ValueError(f"image {path!r} of caption record {index} in {self.name!r} cannot be read "
@@ -118,8 +120,7 @@ class CaptionsSource:
 
 
 def _resolve(path: str, root: str) -> str:
-    path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.join(root, path)
+    return files.join(root, files.expand(path))
 
 
 def read_captions_file(path: str, image_column: str | None = None, caption_column: str | None = None,
@@ -131,10 +132,13 @@ def read_captions_file(path: str, image_column: str | None = None, caption_colum
     counted (errors='skip') or raise ValueError naming the line (errors='raise').
     """
     _check_policy(errors)
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
+    files.check(path)
+    path = files.expand(path)
+    if not files.isfile(path):
         raise ValueError(f"caption file {path!r} does not exist; set data.path to a .jsonl or .csv file.")
-    root = os.path.expanduser(image_root) if image_root else os.path.dirname(os.path.abspath(path))
+    if image_root:
+        files.check(image_root, "data.image_root")
+    root = files.expand(image_root) if image_root else files.dirname(path)
     is_json = path.endswith((".jsonl", ".json"))
     image_column = image_column or ("image" if is_json else "filepath")
     caption_column = caption_column or ("caption" if is_json else "title")
@@ -160,7 +164,7 @@ def read_captions_file(path: str, image_column: str | None = None, caption_colum
                 paths.append(_resolve(image, root))
                 captions.append(text)
 
-    with open(path, encoding="utf-8", newline="") as f:
+    with files.open_text(path) as f:
         if is_json:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -196,8 +200,9 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
         return [p for item in pattern for p in expand_shards(item)]
     out: list[str] = []
     for part in (p for p in pattern.split(",") if p.strip()):
-        for expanded in _expand_braces(os.path.expanduser(part.strip())):
-            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+        files.check(part.strip())
+        for expanded in _expand_braces(files.expand(part.strip())):
+            matches = files.glob(expanded) if glob.has_magic(expanded) else [expanded]
             out += matches
     return out
 
@@ -245,73 +250,81 @@ def index_shard(path: str, errors: str = "skip") -> tuple[list[tuple[str, int, i
     if path.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
         raise ValueError(f"webdataset shard {path!r} is compressed; random access needs uncompressed .tar "
                          "shards (img2dataset writes them by default).")
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise ValueError(f"webdataset shard {path!r} does not exist; check data.path.")
-    file_size = os.path.getsize(path)
+    file_size = files.size(path)
     members: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            while True:
-                try:
-                    info = tar.next()
-                except (tarfile.ReadError, EOFError) as e:
-                    broken(f"is truncated or corrupt after {len(members)} samples ({e})")
-                    break
-                if info is None:
-                    # A complete tar ends with >= two zero blocks; a cut inside a header
-                    # reads as a quiet end of archive, so check the tail.
-                    tail_size = file_size - tar.offset
-                    with open(path, "rb") as f:
-                        tail = os.pread(f.fileno(), min(tail_size, 1 << 20), tar.offset)
-                    if tail_size < 1024 or tail.strip(b"\0"):
-                        broken(f"is truncated after {len(members)} samples (no end-of-archive marker)")
-                    break
-                if not info.isfile():
-                    continue
-                if info.offset_data + info.size > file_size:
-                    broken(f"is truncated inside member {info.name!r}")
-                    break
-                key, ext = _split_key(info.name)
-                members.setdefault(key, {})[ext] = (info.offset_data, info.size)
-    except tarfile.ReadError as e:  # not a tar at all (or the first header is broken)
-        broken(f"is not a readable tar file ({e})")
+    texts: dict[tuple[str, str], bytes] = {}  # caption members, read as the scan passes them
+    # One front-to-back pass (in a bucket: a few large reads, not a request per member).
+    with files.open_binary(path) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                while True:
+                    try:
+                        info = tar.next()
+                    except (tarfile.ReadError, EOFError) as e:
+                        broken(f"is truncated or corrupt after {len(members)} samples ({e})")
+                        break
+                    if info is None:
+                        # A complete tar ends with >= two zero blocks; a cut inside a header
+                        # reads as a quiet end of archive, so check the tail.
+                        tail_size = file_size - tar.offset
+                        f.seek(tar.offset)
+                        tail = f.read(min(tail_size, 1 << 20))
+                        if tail_size < 1024 or tail.strip(b"\0"):
+                            broken(f"is truncated after {len(members)} samples (no end-of-archive marker)")
+                        break
+                    if not info.isfile():
+                        continue
+                    if info.offset_data + info.size > file_size:
+                        broken(f"is truncated inside member {info.name!r}")
+                        break
+                    key, ext = _split_key(info.name)
+                    members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+                    if ext in ("txt", "json"):
+                        texts[key, ext] = tar.extractfile(info).read()
+        except tarfile.ReadError as e:  # not a tar at all (or the first header is broken)
+            broken(f"is not a readable tar file ({e})")
 
     samples = []
-    with open(path, "rb") as f:
-        for key, files in members.items():
-            image_ext = next((e for e in IMAGE_EXTS if e in files), None)
-            caption_ext = next((e for e in ("txt", "json") if e in files), None)
-            if image_ext is None or caption_ext is None:
-                if errors == "raise":
-                    raise ValueError(f"webdataset sample {key!r} in {path!r} has no "
-                                     f"{'image' if image_ext is None else 'caption (.txt/.json)'}; "
-                                     "fix the shard or set data.decode_errors='skip'.")
-                _count(skipped, "no_image" if image_ext is None else "no_caption")
-                continue
-            offset, size = files[caption_ext]
-            caption = _caption_from(caption_ext, os.pread(f.fileno(), size, offset))
-            if caption is None or not caption.strip():
-                _count(skipped, "empty_caption")
-                continue
-            samples.append((key, *files[image_ext], caption))
+    for key, found in members.items():
+        image_ext = next((e for e in IMAGE_EXTS if e in found), None)
+        caption_ext = next((e for e in ("txt", "json") if e in found), None)
+        if image_ext is None or caption_ext is None:
+            if errors == "raise":
+                raise ValueError(f"webdataset sample {key!r} in {path!r} has no "
+                                 f"{'image' if image_ext is None else 'caption (.txt/.json)'}; "
+                                 "fix the shard or set data.decode_errors='skip'.")
+            _count(skipped, "no_image" if image_ext is None else "no_caption")
+            continue
+        caption = _caption_from(caption_ext, texts[key, caption_ext])
+        if caption is None or not caption.strip():
+            _count(skipped, "empty_caption")
+            continue
+        samples.append((key, *found[image_ext], caption))
     return samples, skipped
 
 
 def _cached_index(path: str, errors: str, index_dir: str | None):
+    """index_shard's result, kept in `index_dir` (local or gs://) under a hash of the shard's
+    path, size and version, so a changed shard is scanned again."""
     if not index_dir:
         return index_shard(path, errors)
-    stat = os.stat(path)
-    tag = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{errors}".encode()).hexdigest()
-    cache = os.path.join(os.path.expanduser(index_dir), f"{tag}.json")
-    if os.path.isfile(cache):
-        with open(cache, encoding="utf-8") as f:
-            data = json.load(f)
+    tag = hashlib.sha1(f"{files.fingerprint(path)}|{errors}".encode()).hexdigest()
+    cache = files.join(files.expand(index_dir), f"{tag}.json")
+    if files.isfile(cache):
+        data = json.loads(files.read_bytes(cache))
         return [tuple(s) for s in data["samples"]], data["skipped"]
     samples, skipped = index_shard(path, errors)
+    text = json.dumps({"shard": path if files.is_url(path) else os.path.abspath(path),
+                       "samples": samples, "skipped": skipped})
+    if files.is_url(cache):
+        epath.Path(cache).write_text(text)  # an object upload is all-or-nothing
+        return samples, skipped
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"shard": os.path.abspath(path), "samples": samples, "skipped": skipped}, f)
+        f.write(text)
     os.replace(tmp, cache)  # atomic: concurrent processes never read a partial index
     return samples, skipped
 
@@ -395,7 +408,11 @@ class WebDatasetSource:
         shard, size = int(self._shard[index]), int(self._size[index])
         path = f"{self.shards[shard]}:{self.keys[index]}"
         try:
-            data = os.pread(self._fd(shard), size, int(self._offset[index]))
+            shard_path = self.shards[shard]
+            if files.is_url(shard_path):  # one ranged GET
+                data = files.read_range(shard_path, int(self._offset[index]), size)
+            else:
+                data = os.pread(self._fd(shard), size, int(self._offset[index]))
         except OSError as e:
             data = b""
             if self.errors == "raise":
@@ -455,7 +472,7 @@ def build_webdataset_source(data_cfg, split: str = "train") -> WebDatasetSource:
     """The `webdataset` source for split 'train' or 'eval' (see the module docstring for the keys)."""
     pattern, holdout = _split_args(data_cfg, split)
     shards = expand_shards(pattern)
-    missing = [s for s in shards if not os.path.isfile(s)]
+    missing = files.missing(shards)
     if not shards or missing:
         raise ValueError(f"data.path {pattern!r} matches no shard files"
                          + (f" (missing: {missing[:3]})" if missing else "")

@@ -117,6 +117,15 @@ def make_loader(source, operations, batch_size: int, *, shuffle: bool = True, se
   )
 
 
+def loader_options(data_cfg) -> dict[str, int]:
+  """make_loader's throughput knobs from the config's data block: ``data.worker_count`` (processes),
+  ``data.prefetch`` (batches each worker prepares ahead) and ``data.read_threads`` (record reads in
+  flight per process: raise it for data in a bucket, where each read waits on a request)."""
+  return dict(worker_count=int(data_cfg.get("worker_count", 0) or 0),
+              worker_buffer_size=int(data_cfg.get("prefetch", 2) or 2),
+              read_threads=int(data_cfg.get("read_threads", 8) or 8))
+
+
 def benchmark_loader(loader, num_batches: int = 50, warmup: int = 2) -> float:
   """Images per second the loader delivers over `num_batches` (after `warmup` batches)."""
   it = iter(loader)

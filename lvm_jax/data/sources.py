@@ -13,7 +13,7 @@ Config fields read here (all optional):
   synthetic: data.synthetic.{num_train=50000, num_eval=10000, seed=0, image_size
              (default data.image_size), num_classes=10, cache=None (auto)} and
              any ``synthetic.Difficulty`` field (size_range, max_rotation, ...).
-  folder:    data.path, data.holdout_fraction=0.1, data.holdout_seed=0.
+  folder:    data.path (a directory or gs:// URL), data.holdout_fraction=0.1, data.holdout_seed=0.
   tfds:      data.name, data.path (data_dir), data.train_split='train',
              data.eval_split='validation', data.image_key='image', data.label_key='label'.
 """
@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lvm_jax.data import files
 from lvm_jax.data.synthetic import Difficulty, SyntheticShapes
 
 SourceFactory = Callable[[Any, str], Any]
@@ -107,18 +108,34 @@ def _list_images(class_dir: str) -> list[str]:
 
 
 def scan_image_folder(root: str) -> tuple[list[str], list[list[str]]]:
-  """Class names (sorted sub-folders of root) and the image paths of each class."""
-  if not os.path.isdir(root):
+  """Class names (sorted sub-folders of root) and the image paths of each class (root may be gs://)."""
+  if not files.isdir(root):
     raise ValueError(f"image folder {root!r} does not exist; set data.path to {_FOLDER_LAYOUT}.")
-  classes = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  if files.is_url(root):
+    classes, images = _scan_bucket_folder(root)
+  else:
+    classes = sorted(d for d in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    images = [_list_images(os.path.join(root, c)) for c in classes]
   if not classes:
     raise ValueError(f"image folder {root!r} has no class sub-folders; expected {_FOLDER_LAYOUT}.")
-  files = [_list_images(os.path.join(root, c)) for c in classes]
-  if not any(files):
+  if not any(images):
     raise ValueError(f"image folder {root!r} has class folders {classes[:5]} but no images "
                      f"with extensions {IMAGE_EXTENSIONS}; expected {_FOLDER_LAYOUT}.")
-  return classes, files
+  return classes, images
+
+
+def _scan_bucket_folder(root: str) -> tuple[list[str], list[list[str]]]:
+  # One recursive listing of the bucket prefix instead of a request per class folder.
+  per_class: dict[str, list[str]] = {}
+  for rel in files.files_under(root):
+    cls, sep, _ = rel.partition("/")
+    if sep and not cls.startswith("."):
+      images = per_class.setdefault(cls, [])
+      if rel.lower().endswith(IMAGE_EXTENSIONS):
+        images.append(files.join(root, rel))
+  classes = sorted(per_class)
+  return classes, [per_class[c] for c in classes]
 
 
 class ImageFolder:
@@ -145,16 +162,16 @@ class ImageFolder:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     path = self.paths[index]
-    with open(path, "rb") as f:
-      data = f.read()
-    return dict(image=data, label=int(self.labels[index]), id=int(index), path=path)
+    return dict(image=files.read_bytes(path), label=int(self.labels[index]), id=int(index), path=path)
 
 
 def _split_dirs(root: str) -> tuple[str, str] | None:
-  train = os.path.join(root, "train")
+  train = files.join(root, "train")
+  if not files.isdir(train):
+    return None
   for name in ("val", "eval", "validation"):
-    if os.path.isdir(train) and os.path.isdir(os.path.join(root, name)):
-      return train, os.path.join(root, name)
+    if files.isdir(files.join(root, name)):
+      return train, files.join(root, name)
   return None
 
 
@@ -183,12 +200,13 @@ def build_image_folder(root: str, split: str, holdout_fraction: float = 0.1,
   """ImageFolder for `split`, using root/train + root/val when present, else a hold-out."""
   if not root:
     raise ValueError(f"data.path is empty; set it to {_FOLDER_LAYOUT}.")
-  root = os.path.expanduser(root)
-  dirs = _split_dirs(root) if os.path.isdir(root) else None
+  files.check(root)
+  root = files.expand(root)
+  dirs = _split_dirs(root) if files.isdir(root) else None
   if dirs is not None:
-    classes, files = scan_image_folder(dirs[0])
+    classes, images = scan_image_folder(dirs[0])
     if split == "train":
-      pairs = [(p, i) for i, fs in enumerate(files) for p in fs]
+      pairs = [(p, i) for i, fs in enumerate(images) for p in fs]
     else:
       eval_classes, eval_files = scan_image_folder(dirs[1])
       unknown = sorted(set(eval_classes) - set(classes))
@@ -199,8 +217,8 @@ def build_image_folder(root: str, split: str, holdout_fraction: float = 0.1,
       pairs = [(p, index[c]) for c, fs in zip(eval_classes, eval_files) for p in fs]
     return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes,
                        dirs[0] if split == "train" else dirs[1])
-  classes, files = scan_image_folder(root)
-  train, held = holdout_split(files, holdout_fraction, holdout_seed)
+  classes, images = scan_image_folder(root)
+  train, held = holdout_split(images, holdout_fraction, holdout_seed)
   pairs = train if split == "train" else held
   return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes, root)
 
@@ -240,27 +258,43 @@ class TfdsSource:
 
 def build_tfds(name: str, split: str, data_dir: str | None = None, image_key: str = "image",
                label_key: str = "label") -> TfdsSource:
-  """`tfds.data_source(name, split)` from local array_record files (no TensorFlow, no download)."""
+  """`tfds.data_source(name, split)` from prepared array_record files (no TensorFlow, no download).
+
+  `data_dir` may be a gs:// URL: TFDS reads the metadata through gcsfs and array_record reads the
+  records with its own GCS client (array_record 0.8.6 does; older releases read local files only).
+  """
   import tensorflow_datasets as tfds
 
   if not name:
     raise ValueError("data.name is empty; set it to a TFDS data set name, e.g. 'imagenette'.")
+  if data_dir:
+    files.check(data_dir)
   how = (f"prepare it once with TensorFlow installed: `tfds build {name} --file_format=array_record"
          + (f" --data_dir={data_dir}`" if data_dir else "`")
          + " (or tfds.builder(name, data_dir=...).download_and_prepare(file_format='array_record')).")
+  where = data_dir or tfds.core.constants.DATA_DIR
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
-  except Exception as e:  # unknown name, broken registry, ...
+  except tfds.core.registered.DatasetNotFoundError as e:  # its message lists the whole catalogue
+    raise ValueError(f"TFDS data set {name!r} is not prepared in {where!r} (no {name}/<version>/ folder "
+                     f"there) and is not a TFDS catalogue name; {how}") from e
+  except Exception as e:  # broken registry, unreadable metadata, ...
     raise ValueError(f"TFDS data set {name!r} is not available ({type(e).__name__}: {e}); {how}") from e
   if not builder.is_prepared():
-    raise ValueError(f"TFDS data set {name!r} is not prepared in "
-                     f"{data_dir or tfds.core.constants.DATA_DIR!r}; {how}")
+    raise ValueError(f"TFDS data set {name!r} is not prepared in {where!r}; {how}")
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None,
                               download=False)
   except Exception as e:
     raise ValueError(f"cannot open TFDS {name!r} split {split!r} as a random-access source "
                      f"({type(e).__name__}: {e}); it must be stored as array_record: {how}") from e
+  if data_dir and files.is_url(data_dir) and len(source):
+    try:  # array_record opens its files lazily: a reader too old for gs:// fails here, not mid-run
+      source[0]
+    except RuntimeError as e:
+      raise ValueError(f"cannot read TFDS {name!r} from {data_dir} ({e}); array_record 0.8.6 reads gs:// (older "
+                       "releases read local files only): pip install 'lvm_jax[gcs]', or mount the bucket "
+                       "with gcsfuse and set data.path to the mount.") from e
   label = builder.info.features[label_key] if label_key in builder.info.features else None
   names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
   return TfdsSource(source, image_key, label_key, names)

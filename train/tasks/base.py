@@ -80,7 +80,8 @@ class Task:
         loader = lvm_data.make_loader(
             source, transforms, batch_size=local_batch, shuffle=False, seed=0, num_epochs=1,
             shard_index=jax.process_index(), shard_count=jax.process_count(),
-            worker_count=int(self.config.data.get("eval_worker_count", 0)), drop_remainder=False)
+            drop_remainder=False, **{**lvm_data.loader_options(self.config.data),
+                                     "worker_count": int(self.config.data.get("eval_worker_count", 0))})
         per_process = -(-len(source) // jax.process_count())
         num_batches = -(-per_process // local_batch)
         iterator = iter(loader)

@@ -1,0 +1,196 @@
+"""Data-set files on a local disk or in a gs:// bucket, for the data sources.
+
+A TPU pod keeps its data in a bucket, so ``data.path`` (image folders, caption files
+and the images they name, webdataset shards, ``data.index_dir``) may be a gs:// URL.
+Local paths take the plain ``os`` calls they always did; URLs go through fsspec
+(gcsfs), whose filesystem objects are cached per process (and rebuilt after a fork,
+so grain's worker processes open their own connections). A record read is one
+ranged GET (`read_range`), never a download of a whole shard.
+
+URLs other than gs:// are refused with the fix (mount the store), as for workdirs.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import posixpath
+from collections.abc import Iterable
+from typing import IO, Any
+
+from lvm_jax.errors import UserError
+from lvm_jax.workdir import check_url, is_remote
+
+# Remote shard scans read ahead in blocks this large: a tar's headers sit between the
+# members, so indexing reads the shard front to back anyway; big blocks mean few requests.
+SCAN_BLOCK_BYTES = 8 << 20
+
+
+def is_url(path: str) -> bool:
+    """True for a bucket URL (gs://...)."""
+    return is_remote(path)
+
+
+def _fs(url: str, what: str = "data.path") -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a URL, after checking its scheme."""
+    check_url(url, what)
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # fsspec names the missing backend package
+        raise UserError(f"{what} {url} needs gcsfs to reach the bucket; install it with "
+                        "pip install 'lvm_jax[gcs]' (or pip install gcsfs).") from e
+
+
+def _url(fs: Any, inner: str) -> str:
+    return fs.unstrip_protocol(inner)
+
+
+def check(path: str, what: str = "data.path") -> None:
+    """Raises the fix when `path` is a URL this library cannot read (see the module docstring)."""
+    if is_url(path):
+        _fs(path, what)
+
+
+def join(root: str, relative: str) -> str:
+    """`relative` under `root` (a directory path or URL); absolute paths and URLs stay as they are."""
+    if is_url(relative) or os.path.isabs(relative):
+        return relative
+    return posixpath.join(root, relative) if is_url(root) else os.path.join(root, relative)
+
+
+def dirname(path: str) -> str:
+    """The folder holding `path` (absolute for local paths)."""
+    return posixpath.dirname(path.rstrip("/")) if is_url(path) else os.path.dirname(os.path.abspath(path))
+
+
+def expand(path: str) -> str:
+    """`~` expanded for local paths; URLs unchanged."""
+    return path if is_url(path) else os.path.expanduser(path)
+
+
+def isfile(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs, inner = _fs(path)
+    return fs.isfile(inner)
+
+
+def isdir(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    fs, inner = _fs(path)
+    return fs.isdir(inner)
+
+
+def size(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, inner = _fs(path)
+    return int(fs.size(inner))
+
+
+def fingerprint(path: str) -> str:
+    """Changes when the file does: `path|size|mtime` (local) or `url|size|generation` (bucket)."""
+    if not is_url(path):
+        stat = os.stat(path)
+        return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    fs, inner = _fs(path)
+    info = fs.info(inner)
+    version = info.get("generation") or info.get("etag") or info.get("mtime") or info.get("updated")
+    return f"{path}|{info['size']}|{version}"
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file."""
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    fs, inner = _fs(path)
+    return _as_os_error(path, fs.cat_file, inner)
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """`length` bytes of the file from `offset`: one ranged request for a URL.
+
+    Local callers that read many ranges keep an open descriptor and use os.pread instead.
+    """
+    fs, inner = _fs(path)
+    return _as_os_error(path, fs.cat_file, inner, start=offset, end=offset + length)
+
+
+def _as_os_error(path: str, read, *args, **kwargs) -> bytes:
+    # gcsfs raises its HttpError (not an OSError) once its retries of a 5xx/429 run out; the
+    # sources' decode_errors policy handles unreadable files as OSError, so it gets one.
+    try:
+        return read(*args, **kwargs)
+    except OSError:
+        raise
+    except Exception as e:
+        raise OSError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """A seekable binary file object; for a URL, reading ahead in SCAN_BLOCK_BYTES blocks."""
+    if not is_url(path):
+        return open(path, "rb")
+    fs, inner = _fs(path)
+    return fs.open(inner, "rb", block_size=SCAN_BLOCK_BYTES, cache_type="readahead")
+
+
+def open_text(path: str) -> IO[str]:
+    """A text file object (UTF-8, universal newlines left to the csv module)."""
+    if not is_url(path):
+        return open(path, encoding="utf-8", newline="")
+    fs, inner = _fs(path)
+    return fs.open(inner, "rt", encoding="utf-8", newline="")
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted paths matching a glob pattern (local or gs://)."""
+    if not is_url(pattern):
+        return sorted(globlib.glob(pattern))
+    fs, inner = _fs(pattern)
+    return sorted(_url(fs, p) for p in fs.glob(inner))
+
+
+def has_magic(pattern: str) -> bool:
+    return globlib.has_magic(pattern)
+
+
+def missing(paths: Iterable[str]) -> list[str]:
+    """The paths that are not files. Bucket URLs are checked with one listing per folder,
+    not one request per file (a data set may have thousands of shards)."""
+    out, listed = [], {}
+    for path in paths:
+        if not is_url(path):
+            if not os.path.isfile(path):
+                out.append(path)
+            continue
+        folder = dirname(path)
+        if folder not in listed:
+            fs, inner = _fs(folder)
+            try:
+                listed[folder] = {_url(fs, e["name"]) for e in fs.ls(inner, detail=True)
+                                  if e.get("type") == "file"}
+            except FileNotFoundError:
+                listed[folder] = set()
+        if path not in listed[folder]:
+            out.append(path)
+    return out
+
+
+def files_under(root: str) -> list[str]:
+    """Every file below the folder `root`, as paths relative to it ('/'-separated for URLs), sorted.
+
+    A bucket is listed with one (paginated) recursive listing, not one request per folder.
+    """
+    if not is_url(root):
+        rel = []
+        for dirpath, _, names in os.walk(root, followlinks=True):
+            rel += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
+        return sorted(rel)
+    fs, inner = _fs(root)
+    prefix = inner.rstrip("/") + "/"
+    return sorted(p[len(prefix):] for p in fs.find(inner) if p.startswith(prefix))

@@ -1,0 +1,197 @@
+"""Training data in a gs:// bucket: every data source reads it as it reads the same files on disk.
+
+The bucket is a local GCS emulator (tests/gcs_emulator.py), not real GCS. Each test builds the
+source from a local copy and from the bucket copy and compares them record by record.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+
+import numpy as np
+import pytest
+
+from lvm_jax.data import captions as C
+from lvm_jax.data import files
+from lvm_jax.data.sources import build_source
+from lvm_jax.errors import UserError
+from tests.gcs_emulator import BUCKET, bucket, emulator, gcs_in_process  # noqa: F401 (fixtures)
+from tests.test_captions import _cfg, _png, _write_jsonl, shards  # noqa: F401 (fixture)
+
+URL = f"gs://{BUCKET}"
+
+
+def _same_records(a, b, n: int | None = None) -> None:
+    assert len(a) == len(b)
+    for i in range(len(a) if n is None else n):
+        ra, rb = a[i], b[i]
+        assert np.array_equal(ra["image"], rb["image"]) and ra.get("caption") == rb.get("caption")
+        assert ra.get("label") == rb.get("label")
+
+
+def test_webdataset_shards_in_a_bucket_read_like_local_ones(shards, tmp_path, gcs_in_process, monkeypatch):
+    gcs = gcs_in_process
+    data = (shards / "00001.tar").read_bytes()
+    (shards / "cut.tar").write_bytes(data[:len(data) // 2])  # a truncated shard: the tail check reads the bucket
+    gcs.put(str(shards), f"{BUCKET}/wds", recursive=True)
+
+    for pattern in ("{00000..00001}.tar", "0000[01].tar", "cut.tar"):
+        local = C.build_webdataset_source(_cfg(path=str(shards / pattern), eval_path=str(shards / pattern)))
+        remote = C.build_webdataset_source(_cfg(path=f"{URL}/wds/{pattern}", eval_path=f"{URL}/wds/{pattern}"))
+        assert remote.skipped == local.skipped and remote.captions == local.captions
+        assert remote.shards == [f"{URL}/wds/{s.rsplit('/', 1)[-1]}" for s in local.shards]
+        _same_records(local, remote)
+    # Pickled into a grain worker, it reads the bucket there.
+    assert pickle.loads(pickle.dumps(remote))[0]["image"] == local[0]["image"]
+
+    # The shard index can live in the bucket too; a second build reads it instead of scanning.
+    cfg = _cfg(path=f"{URL}/wds/00001.tar", index_dir=f"{URL}/index", holdout_fraction=0.25)
+    train = C.build_webdataset_source(cfg, "train")
+    assert len(gcs.ls(f"{BUCKET}/index")) == 1
+    monkeypatch.setattr(C, "index_shard", lambda *a, **k: pytest.fail("index was rebuilt"))
+    held = C.build_webdataset_source(cfg, "eval")
+    assert (len(train), len(held)) == (3, 1) and not set(train.image_keys) & set(held.image_keys)
+
+    with pytest.raises(ValueError, match="missing: .*00007.tar"):
+        C.build_webdataset_source(_cfg(path=f"{URL}/wds/{{00000..00001}}.tar,{URL}/wds/00007.tar"))
+
+
+def test_a_caption_file_in_a_bucket_names_images_in_the_bucket(tmp_path, gcs_in_process):
+    gcs = gcs_in_process
+    for i in range(3):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "img" / f"{i}.png").write_bytes(_png(60 * i))
+    _write_jsonl(tmp_path / "train.jsonl", [{"image": f"img/{i}.png", "caption": f"tile {i}"} for i in range(3)]
+                 + [{"image": "img/gone.png", "caption": "a missing image"}])
+    (tmp_path / "train.csv").write_text("filepath,title\n" + "".join(f"img/{i}.png,tile {i}\n" for i in range(3)))
+    gcs.put(str(tmp_path), f"{BUCKET}/cc", recursive=True)
+
+    for name in ("train.jsonl", "train.csv"):
+        local = C.build_captions_source(_cfg(path=str(tmp_path / name), eval_path=str(tmp_path / name)))
+        remote = C.build_captions_source(_cfg(path=f"{URL}/cc/{name}", eval_path=f"{URL}/cc/{name}"))
+        assert remote.image_paths[0] == f"{URL}/cc/img/0.png"
+        _same_records(local, remote)
+    assert remote[0]["image"] == _png(0)
+    # A missing object is skipped like a missing file (empty bytes, counted) or raises under 'raise'.
+    remote = C.build_captions_source(_cfg(path=f"{URL}/cc/train.jsonl", eval_path=f"{URL}/cc/train.jsonl"))
+    assert remote[3]["image"] == b"" and remote.missing_images == 1
+    strict = C.build_captions_source(_cfg(path=f"{URL}/cc/train.jsonl", eval_path=f"{URL}/cc/train.jsonl",
+                                          decode_errors="raise"))
+    with pytest.raises(ValueError, match="gone.png.*cannot be read"):
+        strict[3]
+    # data.image_root may point a local caption file at images in the bucket.
+    rooted = C.build_captions_source(_cfg(path=str(tmp_path / "train.csv"), eval_path=str(tmp_path / "train.csv"),
+                                          image_root=f"{URL}/cc"))
+    assert rooted.image_paths[1] == f"{URL}/cc/img/1.png" and rooted[1]["image"] == _png(60)
+
+
+def test_an_image_folder_in_a_bucket_reads_like_the_local_folder(tmp_path, gcs_in_process):
+    from tests.test_data import data_config
+
+    gcs = gcs_in_process
+    for split, n in (("train", 4), ("val", 2)):
+        for c, color in (("cat", 30), ("dog", 90), ("eel", 150)):
+            d = tmp_path / "split" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"{i}.png").write_bytes(_png(color + i))
+    for c in ("a", "b"):
+        (tmp_path / "flat" / c).mkdir(parents=True)
+        for i in range(5):
+            (tmp_path / "flat" / c / f"{i}.jpg").write_bytes(_png(10 * i + (c == "b")))
+    (tmp_path / "flat" / "b" / "notes.txt").write_text("not an image")
+    gcs.put(str(tmp_path / "split"), f"{BUCKET}/split", recursive=True)
+    gcs.put(str(tmp_path / "flat"), f"{BUCKET}/flat", recursive=True)
+
+    for layout in ("split", "flat"):
+        for split in ("train", "eval"):
+            local = build_source(data_config(source="folder", path=str(tmp_path / layout)), split)
+            remote = build_source(data_config(source="folder", path=f"{URL}/{layout}"), split)
+            assert remote.class_names == local.class_names
+            assert [p.rsplit(layout, 1)[1] for p in remote.paths] == [p.rsplit(layout, 1)[1] for p in local.paths]
+            _same_records(local, remote)
+    with pytest.raises(ValueError, match="does not exist"):
+        build_source(data_config(source="folder", path=f"{URL}/nothing"), "train")
+
+
+def test_tfds_data_dir_in_a_bucket_reads_like_the_local_one(tmp_path, gcs_in_process):
+    """TFDS's metadata comes through gcsfs, the array_record files through array_record's own GCS reader."""
+    pytest.importorskip("tensorflow_datasets")
+    from tests.test_data import _prepare_tiny_tfds, data_config
+
+    _prepare_tiny_tfds(str(tmp_path / "tfds"))
+    gcs_in_process.put(str(tmp_path / "tfds"), f"{BUCKET}/tfds", recursive=True)
+    for split in ("train", "eval"):
+        local, remote = (build_source(data_config(source="tfds", name="lvm_tiny_shapes", path=path, image_size=12,
+                                                  train_split="train", eval_split="test"), split)
+                         for path in (str(tmp_path / "tfds"), f"{URL}/tfds"))
+        assert len(remote) == len(local) == (9 if split == "train" else 6)
+        assert remote.class_names == local.class_names == ("red", "green", "blue")
+        for i in range(len(local)):
+            assert np.array_equal(remote[i]["image"], local[i]["image"]) and remote[i]["label"] == local[i]["label"]
+    with pytest.raises(ValueError, match="not prepared"):
+        build_source(data_config(source="tfds", name="lvm_tiny_shapes", path=f"{URL}/elsewhere"), "train")
+
+
+def test_lvm_bench_times_the_input_pipeline_on_bucket_shards(shards, tmp_path, gcs_in_process):
+    from lvm_jax.bench import cli
+
+    gcs_in_process.put(str(shards), f"{BUCKET}/bench", recursive=True)
+    out = tmp_path / "bench.json"
+    assert cli.main(["--model", "data", "--data-source", "webdataset", "--data-path", f"{URL}/bench/0000*.tar",
+                     "--batch", "4", "--res", "16", "--steps", "2", "--warmup", "1", "--read-threads", "4",
+                     "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    notes = " ".join(row["notes"])
+    assert row["img_per_s"] > 0 and "webdataset gs://" in notes and "6 records" in notes  # 7 less the hold-out
+
+
+def test_unsupported_data_urls_say_how_to_use_them():
+    with pytest.raises(UserError, match=r"s3:// is not supported.*mount.*/mnt/data/laion"):
+        C.build_webdataset_source(_cfg(path="s3://data/laion/{00000..00009}.tar"))
+    with pytest.raises(UserError, match=r"https:// is not supported"):
+        C.build_captions_source(_cfg(path="https://example.com/cc.jsonl"))
+    with pytest.raises(UserError, match=r"hdfs:// is not supported"):
+        files.check("hdfs://nn/imagenet", "data.path")
+    assert json.dumps(files.join("gs://b/x", "img/0.png")) == '"gs://b/x/img/0.png"'
+
+
+@pytest.mark.slow  # ~65 s on 2 cores: two lvm-train processes, each with a grain worker process
+def test_training_on_a_bucket_image_folder_equals_training_on_the_local_copy(tmp_path, emulator, bucket):
+    """lvm-train reads data.path=gs://... through a grain worker process (its own gcsfs client after the
+    fork) and trains exactly as on the same folder on disk: same losses, same eval."""
+    import subprocess
+    import sys
+
+    from tests.gcs_emulator import env
+    from tests.helpers import ROOT
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c in range(3):
+            d = tmp_path / "pets" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                color = np.zeros(3, int)
+                color[c] = 120 + int(rng.integers(0, 120))
+                (d / f"{i}.png").write_bytes(_png(tuple(color), size=16))
+    bucket.put(str(tmp_path / "pets"), f"{BUCKET}/pets", recursive=True)
+
+    def train(data_path: str, workdir: str) -> tuple[list[float], dict]:
+        args = ["--config", "tests/configs/tiny_vit.py", "--workdir", workdir, "--config.total_steps=4",
+                "--config.ckpt_every=4", "--config.eval_every=4", "--config.model.num_classes=3",
+                "--config.data.source=folder", f"--config.data.path={data_path}", "--config.data.worker_count=1",
+                "--config.data.read_threads=4", "--config.eval_batch_size=8", "--config.batch_size=8"]
+        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env(emulator),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+        losses = [(r["loss"], r["grad_norm"]) for r in map(json.loads, lines)]
+        return losses, json.loads((pathlib.Path(workdir) / "eval" / "latest.json").read_text())
+
+    local_losses, local_eval = train(str(tmp_path / "pets"), str(tmp_path / "local"))
+    remote_losses, remote_eval = train(f"{URL}/pets", str(tmp_path / "remote"))
+    assert len(local_losses) == 4 and remote_losses == local_losses
+    assert remote_eval == local_eval
