@@ -135,6 +135,22 @@ def test_tfds_data_dir_in_a_bucket_reads_like_the_local_one(tmp_path, gcs_in_pro
         build_source(data_config(source="tfds", name="lvm_tiny_shapes", path=f"{URL}/elsewhere"), "train")
 
 
+def test_clip_tokenizer_and_class_names_read_from_a_bucket(tmp_path, gcs_in_process):
+    from lvm_jax.data.tokenizer import ClipTokenizer
+    from lvm_jax.evals.zeroshot import load_classnames
+    from tests.test_captions import FIXTURES
+
+    vocab = f"{FIXTURES}/bpe_simple_vocab_16e6.txt.gz"
+    (tmp_path / "classes.txt").write_text("tabby cat\ngolden retriever\n")
+    gcs_in_process.put(vocab, f"{BUCKET}/vocab/bpe.txt.gz")
+    gcs_in_process.put(str(tmp_path / "classes.txt"), f"{BUCKET}/classes.txt")
+    text = ["a photo of a tabby cat.", "Golden retrievers, playing!"]
+    assert np.array_equal(ClipTokenizer.from_file(f"{URL}/vocab/bpe.txt.gz")(text), ClipTokenizer.from_file(vocab)(text))
+    assert load_classnames(f"{URL}/classes.txt") == ["tabby cat", "golden retriever"]
+    with pytest.raises(ValueError, match="does not exist"):
+        load_classnames(f"{URL}/nope.txt")
+
+
 def test_lvm_bench_times_the_input_pipeline_on_bucket_shards(shards, tmp_path, gcs_in_process):
     from lvm_jax.bench import cli
 

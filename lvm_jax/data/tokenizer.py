@@ -29,6 +29,8 @@ import regex
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lvm_jax.data import files
+
 DEFAULT_CONTEXT_LENGTH = 77
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
@@ -141,14 +143,13 @@ class ClipTokenizer:
             least that many (what CLIP uses of the standard file), else all of them.
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not files.isfile(path):  # a local file or a gs:// object
             raise ValueError(f"Tokenizer file {path!r} does not exist; pass the path of "
                              "bpe_simple_vocab_16e6.txt.gz or a tokenizer.json.")
+        data = files.read_bytes(path)
         if path.endswith(".json"):
-            return cls._from_hf_json(path)
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+            return cls._from_hf_json(path, json.loads(data))
+        lines = (gzip.decompress(data) if path.endswith(".gz") else data).decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
         if any(len(m) != 2 for m in merges):
             raise ValueError(f"{path!r} is not a BPE merges file (expected 'left right' pairs per line).")
@@ -157,9 +158,7 @@ class ClipTokenizer:
         return cls(merges[:num_merges])
 
     @classmethod
-    def _from_hf_json(cls, path: str) -> "ClipTokenizer":
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
+    def _from_hf_json(cls, path: str, spec: dict) -> "ClipTokenizer":
         model = spec.get("model", {})
         if model.get("type") != "BPE" or "merges" not in model:
             raise ValueError(f"{path!r} has no BPE model; expected a CLIP tokenizer.json.")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lvm_jax.data import files
 from lvm_jax.evals.retrieval import embed_arrays, l2_normalize  # noqa: F401 (embed_arrays re-exported)
 
 Template = str | Callable[[str], str]
@@ -38,10 +39,9 @@ def format_prompt(template: Template, classname: str) -> str:
 
 def _read_list(path: str | os.PathLike, what: str) -> list[str]:
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not files.isfile(path):  # a local file or a gs:// object
         raise ValueError(f"{what} file {path!r} does not exist; write one {what[:-1]} per line.")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = files.read_bytes(path).decode("utf-8")
     if path.endswith(".json"):
         items = json.loads(text)
         if isinstance(items, dict):  # {"0": "cat", "1": "dog"}: order by integer key
