@@ -58,6 +58,40 @@ def test_webdataset_shards_in_a_bucket_read_like_local_ones(shards, tmp_path, gc
         C.build_webdataset_source(_cfg(path=f"{URL}/wds/{{00000..00001}}.tar,{URL}/wds/00007.tar"))
 
 
+def test_hosts_sharing_a_bucket_index_dir_split_the_shard_scans(tmp_path, gcs_in_process, monkeypatch):
+    """Two hosts building the same 8-shard source at once scan each shard about once, not twice."""
+    import threading
+    import time
+
+    from tests.test_captions import _write_shard
+
+    for s in range(8):
+        _write_shard(tmp_path / f"{s:05d}.tar", [(f"{s}{i:04d}", {"jpg": _png(s), "txt": f"shard {s}".encode()})
+                                                  for i in range(2)])
+    gcs_in_process.put(str(tmp_path), f"{BUCKET}/pod", recursive=True)
+    scans, real_index_shard = [], C.index_shard
+
+    def slow_index_shard(path, errors="skip"):
+        scans.append(path)
+        time.sleep(0.2)  # a large shard: long enough for the other host's indexes to land meanwhile
+        return real_index_shard(path, errors)
+
+    monkeypatch.setattr(C, "index_shard", slow_index_shard)
+    shards = [f"{URL}/pod/{s:05d}.tar" for s in range(8)]
+    built = {}
+
+    def host(i):
+        built[i] = C.WebDatasetSource(shards, index_dir=f"{URL}/pod-index", num_threads=1, process=(i, 2))
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built[0].captions == built[1].captions == [f"shard {s}" for s in range(8) for _ in range(2)]
+    assert sorted(set(scans)) == shards and len(scans) <= 12  # each host alone would scan all 8 (16 in all)
+
+
 def test_a_caption_file_in_a_bucket_names_images_in_the_bucket(tmp_path, gcs_in_process):
     gcs = gcs_in_process
     for i in range(3):

@@ -19,6 +19,10 @@ webdataset (``data.source='webdataset'``):
   is created — in parallel, and cached in ``data.index_dir`` when set — so any record is a
   single positioned read.
 
+Every path may be a gs:// URL (``lvm_jax.data.files``): a shard in a bucket is scanned once front
+to back and each record is then one ranged GET. On a pod, a shared ``data.index_dir`` (gs://)
+lets the hosts split the scanning (each starts at its own slice and reads the others' indexes).
+
 Splits: ``data.eval_path`` (same format) is the eval split; without it a fixed-seed
 ``data.holdout_fraction`` of the *images* (all their captions together) is held out.
 
@@ -44,6 +48,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tarfile
 import threading
 from collections.abc import Sequence
@@ -51,6 +56,7 @@ from typing import Any
 
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from lvm_jax.data import files
 
@@ -336,14 +342,28 @@ class WebDatasetSource:
     """
 
     def __init__(self, shards: Sequence[str], errors: str = "skip", index_dir: str | None = None,
-                 num_threads: int = 16):
+                 num_threads: int = 16, process: tuple[int, int] = (0, 1)):
+        """`process` = (index, count) of this host: with a shared `index_dir`, each host starts scanning
+        at its own 1/count of the shards and reads the others' indexes as they land, so a pod scans
+        every shard about once instead of once per host."""
         self.errors = _check_policy(errors)
         self.shards = list(shards)
         if not self.shards:
             raise ValueError("webdataset source got no shards; set data.path to a shard glob such as "
                              "'/data/laion/{00000..00099}.tar'.")
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, len(self.shards)))) as pool:
-            results = list(pool.map(lambda p: _cached_index(p, errors, index_dir), self.shards))
+        n = len(self.shards)
+        start = process[0] * n // max(process[1], 1) if index_dir else 0
+        order = list(range(start, n)) + list(range(start))
+        if index_dir is None and process[1] > 1 and files.is_url(self.shards[0]):
+            log.warning("every host scans all %d webdataset shards in the bucket for their member index; set "
+                        "data.index_dir=gs://... so the hosts share the work and later runs skip it", n)
+        results: list = [None] * n
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, n))) as pool, \
+                tqdm(total=n, desc="indexing webdataset shards", unit="shard", disable=n < 16, mininterval=5) as bar:
+            futures = {pool.submit(_cached_index, self.shards[i], errors, index_dir): i for i in order}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
         shard_ids, keys, offsets, sizes, captions = [], [], [], [], []
         self.skipped: dict[str, int] = {}
         for shard_id, (samples, skipped) in enumerate(results):
@@ -468,6 +488,12 @@ def build_captions_source(data_cfg, split: str = "train") -> CaptionsSource:
     return CaptionsSource(paths, captions, errors, name=f"{path} [{split}]", skipped=skipped)
 
 
+def _process_position() -> tuple[int, int]:
+    """(jax.process_index(), jax.process_count()) when JAX is in use, else (0, 1)."""
+    jax = sys.modules.get("jax")
+    return (jax.process_index(), jax.process_count()) if jax is not None else (0, 1)
+
+
 def build_webdataset_source(data_cfg, split: str = "train") -> WebDatasetSource:
     """The `webdataset` source for split 'train' or 'eval' (see the module docstring for the keys)."""
     pattern, holdout = _split_args(data_cfg, split)
@@ -479,7 +505,7 @@ def build_webdataset_source(data_cfg, split: str = "train") -> WebDatasetSource:
                          + "; point it at .tar shards, e.g. '/data/cc3m/{00000..00331}.tar'.")
     errors = data_cfg.get("decode_errors", "skip") or "skip"
     index_dir = data_cfg.get("index_dir", None)
-    source = WebDatasetSource(shards, errors, index_dir)
+    source = WebDatasetSource(shards, errors, index_dir, process=_process_position())
     if holdout:
         rows = holdout_indices(source.image_keys, split, float(data_cfg.get("holdout_fraction", 0.1) or 0.1),
                                int(data_cfg.get("holdout_seed", 0) or 0))
