@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from lvm_jax.errors import UserError
 
-# URL schemes a workdir may use. s3:// and az:// would go through the same epath/orbax
-# calls, but nothing here has run against them, so they are refused rather than promised.
+# URL schemes a workdir may use. orbax 0.12 writes OCDBT checkpoints to gs:// only (its path
+# normalisation turns s3:// into s3:/), so s3:// and az:// workdirs are refused with the mount fix.
 REMOTE_SCHEMES = ("gs",)
 
 
@@ -46,11 +46,11 @@ def as_path(location: str | os.PathLike, what: str = "--workdir") -> epath.Path:
 
 
 def check_url(url: str, what: str) -> None:
-    """Raises the fix for a URL this library cannot use: an unsupported scheme, or gs:// without gcsfs."""
+    """Raises the fix for a URL a workdir cannot use: an unsupported scheme, or gs:// without gcsfs."""
     scheme = url.partition("://")[0]
     if scheme not in REMOTE_SCHEMES:
-        _refuse_url(url, what, "gs:// and local paths are")
-    # etils and the data readers reach gs:// through gcsfs (etils also through TensorFlow's gfile).
+        refuse_url(url, what, "gs:// and local paths are")
+    # etils reaches gs:// through gcsfs (or TensorFlow's gfile).
     if importlib.util.find_spec("gcsfs") is None and importlib.util.find_spec("tensorflow") is None:
         raise UserError(f"{what} {url} needs gcsfs to reach the bucket; install it with "
                         "pip install 'lvm_jax[gcs]' (or pip install gcsfs).")
@@ -62,10 +62,11 @@ def require_local(location: str | os.PathLike | None, what: str) -> None:
     Without this, pathlib/os.makedirs would turn `gs://b/x` into a local directory `gs:/b/x`.
     """
     if location is not None and is_remote(location):
-        _refuse_url(os.fspath(location), what, "only local paths are")
+        refuse_url(os.fspath(location), what, "only local paths are")
 
 
-def _refuse_url(text: str, what: str, supported: str) -> None:
+def refuse_url(text: str, what: str, supported: str) -> None:
+    """Raises: `what` cannot use this URL's scheme; mount the store and pass the mounted path."""
     scheme, _, rest = text.partition("://")
     store, _, inner = rest.partition("/")
     raise UserError(f"{what} {text}: {scheme}:// is not supported here ({supported}); mount the store "

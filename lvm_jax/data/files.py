@@ -1,25 +1,30 @@
-"""Data-set files on a local disk or in a gs:// bucket, for the data sources.
+"""Data-set files on a local disk or in a bucket (gs://, s3://), for the data sources.
 
-A TPU pod keeps its data in a bucket, so ``data.path`` (image folders, caption files
-and the images they name, webdataset shards, ``data.index_dir``) may be a gs:// URL.
+A TPU pod keeps its data in a bucket, and a GPU cluster often in S3, so ``data.path`` (image
+folders, caption files and the images they name, webdataset shards, ``data.index_dir``) may be
+a gs:// or s3:// URL.
 Local paths take the plain ``os`` calls they always did; URLs go through fsspec
-(gcsfs), whose filesystem objects are cached per process (and rebuilt after a fork,
+(gcsfs, s3fs), whose filesystem objects are cached per process (and rebuilt after a fork,
 so grain's worker processes open their own connections). A record read is one
 ranged GET (`read_range`), never a download of a whole shard.
 
-URLs other than gs:// are refused with the fix (mount the store), as for workdirs.
+Other URLs are refused with the fix (mount the store), as for workdirs.
 """
 
 from __future__ import annotations
 
 import glob as globlib
+import importlib.util
 import os
 import posixpath
 from collections.abc import Iterable
 from typing import IO, Any
 
 from lvm_jax.errors import UserError
-from lvm_jax.workdir import check_url, is_remote
+from lvm_jax.workdir import is_remote, refuse_url
+
+# Data URL schemes -> (the fsspec client package, the lvm_jax extra that installs it).
+CLIENTS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
 
 # Remote shard scans read ahead in blocks this large: a tar's headers sit between the
 # members, so indexing reads the shard front to back anyway; big blocks mean few requests.
@@ -27,7 +32,7 @@ SCAN_BLOCK_BYTES = 8 << 20
 
 
 def is_url(path: str) -> bool:
-    """True for a bucket URL (gs://...)."""
+    """True for a bucket URL (gs://..., s3://...)."""
     return is_remote(path)
 
 
@@ -36,11 +41,18 @@ def _fs(url: str, what: str = "data.path") -> tuple[Any, str]:
     check_url(url, what)
     import fsspec
 
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as e:  # fsspec names the missing backend package
-        raise UserError(f"{what} {url} needs gcsfs to reach the bucket; install it with "
-                        "pip install 'lvm_jax[gcs]' (or pip install gcsfs).") from e
+    return fsspec.core.url_to_fs(url)
+
+
+def check_url(url: str, what: str = "data.path") -> None:
+    """Raises the fix for a data URL this library cannot read: its scheme, or its missing client."""
+    scheme = url.partition("://")[0]
+    if scheme not in CLIENTS:
+        refuse_url(url, what, f"{', '.join(s + '://' for s in CLIENTS)} and local paths are")
+    client, extra = CLIENTS[scheme]
+    if importlib.util.find_spec(client) is None:
+        raise UserError(f"{what} {url} needs {client} to reach the bucket; install it with "
+                        f"pip install 'lvm_jax[{extra}]' (or pip install {client}).")
 
 
 def _url(fs: Any, inner: str) -> str:
@@ -50,7 +62,7 @@ def _url(fs: Any, inner: str) -> str:
 def check(path: str, what: str = "data.path") -> None:
     """Raises the fix when `path` is a URL this library cannot read (see the module docstring)."""
     if is_url(path):
-        _fs(path, what)
+        check_url(path, what)
 
 
 def join(root: str, relative: str) -> str:
@@ -92,13 +104,14 @@ def size(path: str) -> int:
 
 
 def fingerprint(path: str) -> str:
-    """Changes when the file does: `path|size|mtime` (local) or `url|size|generation` (bucket)."""
+    """Changes when the file does: `path|size|mtime` (local) or `url|size|generation or ETag` (bucket)."""
     if not is_url(path):
         stat = os.stat(path)
         return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
     fs, inner = _fs(path)
     info = fs.info(inner)
-    version = info.get("generation") or info.get("etag") or info.get("mtime") or info.get("updated")
+    version = (info.get("generation") or info.get("etag") or info.get("ETag") or info.get("LastModified")
+               or info.get("mtime") or info.get("updated"))
     return f"{path}|{info['size']}|{version}"
 
 
@@ -121,7 +134,8 @@ def read_range(path: str, offset: int, length: int) -> bytes:
 
 
 def _as_os_error(path: str, read, *args, **kwargs) -> bytes:
-    # gcsfs raises its HttpError (not an OSError) once its retries of a 5xx/429 run out; the
+    # gcsfs raises its HttpError (not an OSError) once its retries of a 5xx/429 run out (s3fs may
+    # raise botocore errors); the
     # sources' decode_errors policy handles unreadable files as OSError, so it gets one.
     try:
         return read(*args, **kwargs)

@@ -13,7 +13,7 @@ Config fields read here (all optional):
   synthetic: data.synthetic.{num_train=50000, num_eval=10000, seed=0, image_size
              (default data.image_size), num_classes=10, cache=None (auto)} and
              any ``synthetic.Difficulty`` field (size_range, max_rotation, ...).
-  folder:    data.path (a directory or gs:// URL), data.holdout_fraction=0.1, data.holdout_seed=0.
+  folder:    data.path (a directory, gs:// or s3:// URL), data.holdout_fraction=0.1, data.holdout_seed=0.
   tfds:      data.name, data.path (data_dir), data.train_split='train',
              data.eval_split='validation', data.image_key='image', data.label_key='label'.
 """
@@ -269,6 +269,9 @@ def build_tfds(name: str, split: str, data_dir: str | None = None, image_key: st
     raise ValueError("data.name is empty; set it to a TFDS data set name, e.g. 'imagenette'.")
   if data_dir:
     files.check(data_dir)
+    if data_dir.startswith("s3://"):  # TFDS itself would list it; array_record could not open the records
+      raise ValueError(f"data.path {data_dir}: TFDS's array_record files are read from local disks and gs:// "
+                       "only; mount the bucket (e.g. mountpoint-s3) and set data.path to the mount.")
   how = (f"prepare it once with TensorFlow installed: `tfds build {name} --file_format=array_record"
          + (f" --data_dir={data_dir}`" if data_dir else "`")
          + " (or tfds.builder(name, data_dir=...).download_and_prepare(file_format='array_record')).")

@@ -1,7 +1,8 @@
-"""Training data in a gs:// bucket: every data source reads it as it reads the same files on disk.
+"""Training data in a bucket (gs://, s3://): every data source reads it as it reads the same files on disk.
 
-The bucket is a local GCS emulator (tests/gcs_emulator.py), not real GCS. Each test builds the
-source from a local copy and from the bucket copy and compares them record by record.
+The buckets are local servers (tests/gcs_emulator.py, tests/s3_emulator.py), not real GCS or S3.
+Each test builds the source from a local copy and from the bucket copy and compares them record
+by record.
 """
 
 from __future__ import annotations
@@ -18,9 +19,30 @@ from lvm_jax.data import files
 from lvm_jax.data.sources import build_source
 from lvm_jax.errors import UserError
 from tests.gcs_emulator import BUCKET, bucket, emulator, gcs_in_process  # noqa: F401 (fixtures)
+from tests.s3_emulator import S3_BUCKET, s3_in_process, s3_server  # noqa: F401 (fixtures)
 from tests.test_captions import _cfg, _png, _write_jsonl, shards  # noqa: F401 (fixture)
 
 URL = f"gs://{BUCKET}"
+
+
+class Store:
+    """A bucket under test: its URL prefix and an fsspec client."""
+
+    def __init__(self, scheme: str, fs, bucket_name: str):
+        self.url, self.fs, self.bucket = f"{scheme}://{bucket_name}", fs, bucket_name
+
+    def put(self, local, key: str) -> None:
+        self.fs.put(str(local), f"{self.bucket}/{key}", recursive=True)
+
+    def ls(self, key: str) -> list[str]:
+        return self.fs.ls(f"{self.bucket}/{key}")
+
+
+@pytest.fixture(params=["gs", "s3"])
+def store(request) -> Store:
+    if request.param == "gs":
+        return Store("gs", request.getfixturevalue("gcs_in_process"), BUCKET)
+    return Store("s3", request.getfixturevalue("s3_in_process"), S3_BUCKET)
 
 
 def _same_records(a, b, n: int | None = None) -> None:
@@ -31,31 +53,31 @@ def _same_records(a, b, n: int | None = None) -> None:
         assert ra.get("label") == rb.get("label")
 
 
-def test_webdataset_shards_in_a_bucket_read_like_local_ones(shards, tmp_path, gcs_in_process, monkeypatch):
-    gcs = gcs_in_process
+def test_webdataset_shards_in_a_bucket_read_like_local_ones(shards, tmp_path, store, monkeypatch):
+    url = store.url
     data = (shards / "00001.tar").read_bytes()
     (shards / "cut.tar").write_bytes(data[:len(data) // 2])  # a truncated shard: the tail check reads the bucket
-    gcs.put(str(shards), f"{BUCKET}/wds", recursive=True)
+    store.put(shards, "wds")
 
     for pattern in ("{00000..00001}.tar", "0000[01].tar", "cut.tar"):
         local = C.build_webdataset_source(_cfg(path=str(shards / pattern), eval_path=str(shards / pattern)))
-        remote = C.build_webdataset_source(_cfg(path=f"{URL}/wds/{pattern}", eval_path=f"{URL}/wds/{pattern}"))
+        remote = C.build_webdataset_source(_cfg(path=f"{url}/wds/{pattern}", eval_path=f"{url}/wds/{pattern}"))
         assert remote.skipped == local.skipped and remote.captions == local.captions
-        assert remote.shards == [f"{URL}/wds/{s.rsplit('/', 1)[-1]}" for s in local.shards]
+        assert remote.shards == [f"{url}/wds/{s.rsplit('/', 1)[-1]}" for s in local.shards]
         _same_records(local, remote)
     # Pickled into a grain worker, it reads the bucket there.
     assert pickle.loads(pickle.dumps(remote))[0]["image"] == local[0]["image"]
 
     # The shard index can live in the bucket too; a second build reads it instead of scanning.
-    cfg = _cfg(path=f"{URL}/wds/00001.tar", index_dir=f"{URL}/index", holdout_fraction=0.25)
+    cfg = _cfg(path=f"{url}/wds/00001.tar", index_dir=f"{url}/index", holdout_fraction=0.25)
     train = C.build_webdataset_source(cfg, "train")
-    assert len(gcs.ls(f"{BUCKET}/index")) == 1
+    assert len(store.ls("index")) == 1
     monkeypatch.setattr(C, "index_shard", lambda *a, **k: pytest.fail("index was rebuilt"))
     held = C.build_webdataset_source(cfg, "eval")
     assert (len(train), len(held)) == (3, 1) and not set(train.image_keys) & set(held.image_keys)
 
     with pytest.raises(ValueError, match="missing: .*00007.tar"):
-        C.build_webdataset_source(_cfg(path=f"{URL}/wds/{{00000..00001}}.tar,{URL}/wds/00007.tar"))
+        C.build_webdataset_source(_cfg(path=f"{url}/wds/{{00000..00001}}.tar,{url}/wds/00007.tar"))
 
 
 def test_hosts_sharing_a_bucket_index_dir_split_the_shard_scans(tmp_path, gcs_in_process, monkeypatch):
@@ -92,39 +114,39 @@ def test_hosts_sharing_a_bucket_index_dir_split_the_shard_scans(tmp_path, gcs_in
     assert sorted(set(scans)) == shards and len(scans) <= 12  # each host alone would scan all 8 (16 in all)
 
 
-def test_a_caption_file_in_a_bucket_names_images_in_the_bucket(tmp_path, gcs_in_process):
-    gcs = gcs_in_process
+def test_a_caption_file_in_a_bucket_names_images_in_the_bucket(tmp_path, store):
+    url = store.url
     for i in range(3):
         (tmp_path / "img").mkdir(exist_ok=True)
         (tmp_path / "img" / f"{i}.png").write_bytes(_png(60 * i))
     _write_jsonl(tmp_path / "train.jsonl", [{"image": f"img/{i}.png", "caption": f"tile {i}"} for i in range(3)]
                  + [{"image": "img/gone.png", "caption": "a missing image"}])
     (tmp_path / "train.csv").write_text("filepath,title\n" + "".join(f"img/{i}.png,tile {i}\n" for i in range(3)))
-    gcs.put(str(tmp_path), f"{BUCKET}/cc", recursive=True)
+    store.put(tmp_path, "cc")
 
     for name in ("train.jsonl", "train.csv"):
         local = C.build_captions_source(_cfg(path=str(tmp_path / name), eval_path=str(tmp_path / name)))
-        remote = C.build_captions_source(_cfg(path=f"{URL}/cc/{name}", eval_path=f"{URL}/cc/{name}"))
-        assert remote.image_paths[0] == f"{URL}/cc/img/0.png"
+        remote = C.build_captions_source(_cfg(path=f"{url}/cc/{name}", eval_path=f"{url}/cc/{name}"))
+        assert remote.image_paths[0] == f"{url}/cc/img/0.png"
         _same_records(local, remote)
     assert remote[0]["image"] == _png(0)
     # A missing object is skipped like a missing file (empty bytes, counted) or raises under 'raise'.
-    remote = C.build_captions_source(_cfg(path=f"{URL}/cc/train.jsonl", eval_path=f"{URL}/cc/train.jsonl"))
+    remote = C.build_captions_source(_cfg(path=f"{url}/cc/train.jsonl", eval_path=f"{url}/cc/train.jsonl"))
     assert remote[3]["image"] == b"" and remote.missing_images == 1
-    strict = C.build_captions_source(_cfg(path=f"{URL}/cc/train.jsonl", eval_path=f"{URL}/cc/train.jsonl",
+    strict = C.build_captions_source(_cfg(path=f"{url}/cc/train.jsonl", eval_path=f"{url}/cc/train.jsonl",
                                           decode_errors="raise"))
     with pytest.raises(ValueError, match="gone.png.*cannot be read"):
         strict[3]
     # data.image_root may point a local caption file at images in the bucket.
     rooted = C.build_captions_source(_cfg(path=str(tmp_path / "train.csv"), eval_path=str(tmp_path / "train.csv"),
-                                          image_root=f"{URL}/cc"))
-    assert rooted.image_paths[1] == f"{URL}/cc/img/1.png" and rooted[1]["image"] == _png(60)
+                                          image_root=f"{url}/cc"))
+    assert rooted.image_paths[1] == f"{url}/cc/img/1.png" and rooted[1]["image"] == _png(60)
 
 
-def test_an_image_folder_in_a_bucket_reads_like_the_local_folder(tmp_path, gcs_in_process):
+def test_an_image_folder_in_a_bucket_reads_like_the_local_folder(tmp_path, store):
     from tests.test_data import data_config
 
-    gcs = gcs_in_process
+    url = store.url
     for split, n in (("train", 4), ("val", 2)):
         for c, color in (("cat", 30), ("dog", 90), ("eel", 150)):
             d = tmp_path / "split" / split / c
@@ -136,18 +158,18 @@ def test_an_image_folder_in_a_bucket_reads_like_the_local_folder(tmp_path, gcs_i
         for i in range(5):
             (tmp_path / "flat" / c / f"{i}.jpg").write_bytes(_png(10 * i + (c == "b")))
     (tmp_path / "flat" / "b" / "notes.txt").write_text("not an image")
-    gcs.put(str(tmp_path / "split"), f"{BUCKET}/split", recursive=True)
-    gcs.put(str(tmp_path / "flat"), f"{BUCKET}/flat", recursive=True)
+    store.put(tmp_path / "split", "split")
+    store.put(tmp_path / "flat", "flat")
 
     for layout in ("split", "flat"):
         for split in ("train", "eval"):
             local = build_source(data_config(source="folder", path=str(tmp_path / layout)), split)
-            remote = build_source(data_config(source="folder", path=f"{URL}/{layout}"), split)
+            remote = build_source(data_config(source="folder", path=f"{url}/{layout}"), split)
             assert remote.class_names == local.class_names
             assert [p.rsplit(layout, 1)[1] for p in remote.paths] == [p.rsplit(layout, 1)[1] for p in local.paths]
             _same_records(local, remote)
     with pytest.raises(ValueError, match="does not exist"):
-        build_source(data_config(source="folder", path=f"{URL}/nothing"), "train")
+        build_source(data_config(source="folder", path=f"{url}/nothing"), "train")
 
 
 def test_tfds_data_dir_in_a_bucket_reads_like_the_local_one(tmp_path, gcs_in_process):
@@ -167,22 +189,25 @@ def test_tfds_data_dir_in_a_bucket_reads_like_the_local_one(tmp_path, gcs_in_pro
             assert np.array_equal(remote[i]["image"], local[i]["image"]) and remote[i]["label"] == local[i]["label"]
     with pytest.raises(ValueError, match="not prepared"):
         build_source(data_config(source="tfds", name="lvm_tiny_shapes", path=f"{URL}/elsewhere"), "train")
+    with pytest.raises(ValueError, match="array_record files are read from local disks and gs:// only"):
+        build_source(data_config(source="tfds", name="lvm_tiny_shapes", path="s3://b/tfds"), "train")
 
 
-def test_clip_tokenizer_and_class_names_read_from_a_bucket(tmp_path, gcs_in_process):
+def test_clip_tokenizer_and_class_names_read_from_a_bucket(tmp_path, store):
     from lvm_jax.data.tokenizer import ClipTokenizer
     from lvm_jax.evals.zeroshot import load_classnames
     from tests.test_captions import FIXTURES
 
     vocab = f"{FIXTURES}/bpe_simple_vocab_16e6.txt.gz"
     (tmp_path / "classes.txt").write_text("tabby cat\ngolden retriever\n")
-    gcs_in_process.put(vocab, f"{BUCKET}/vocab/bpe.txt.gz")
-    gcs_in_process.put(str(tmp_path / "classes.txt"), f"{BUCKET}/classes.txt")
+    url = store.url
+    store.put(vocab, "vocab/bpe.txt.gz")
+    store.put(tmp_path / "classes.txt", "classes.txt")
     text = ["a photo of a tabby cat.", "Golden retrievers, playing!"]
-    assert np.array_equal(ClipTokenizer.from_file(f"{URL}/vocab/bpe.txt.gz")(text), ClipTokenizer.from_file(vocab)(text))
-    assert load_classnames(f"{URL}/classes.txt") == ["tabby cat", "golden retriever"]
+    assert np.array_equal(ClipTokenizer.from_file(f"{url}/vocab/bpe.txt.gz")(text), ClipTokenizer.from_file(vocab)(text))
+    assert load_classnames(f"{url}/classes.txt") == ["tabby cat", "golden retriever"]
     with pytest.raises(ValueError, match="does not exist"):
-        load_classnames(f"{URL}/nope.txt")
+        load_classnames(f"{url}/nope.txt")
 
 
 def test_lvm_bench_times_the_input_pipeline_on_bucket_shards(shards, tmp_path, gcs_in_process):
@@ -199,8 +224,8 @@ def test_lvm_bench_times_the_input_pipeline_on_bucket_shards(shards, tmp_path, g
 
 
 def test_unsupported_data_urls_say_how_to_use_them():
-    with pytest.raises(UserError, match=r"s3:// is not supported.*mount.*/mnt/data/laion"):
-        C.build_webdataset_source(_cfg(path="s3://data/laion/{00000..00009}.tar"))
+    with pytest.raises(UserError, match=r"az:// is not supported.*gs://, s3://.*mount.*/mnt/data/laion"):
+        C.build_webdataset_source(_cfg(path="az://data/laion/{00000..00009}.tar"))
     with pytest.raises(UserError, match=r"https:// is not supported"):
         C.build_captions_source(_cfg(path="https://example.com/cc.jsonl"))
     with pytest.raises(UserError, match=r"hdfs:// is not supported"):
