@@ -204,7 +204,8 @@ def test_clip_tokenizer_and_class_names_read_from_a_bucket(tmp_path, store):
     store.put(vocab, "vocab/bpe.txt.gz")
     store.put(tmp_path / "classes.txt", "classes.txt")
     text = ["a photo of a tabby cat.", "Golden retrievers, playing!"]
-    assert np.array_equal(ClipTokenizer.from_file(f"{url}/vocab/bpe.txt.gz")(text), ClipTokenizer.from_file(vocab)(text))
+    remote = ClipTokenizer.from_file(f"{url}/vocab/bpe.txt.gz")
+    assert np.array_equal(remote(text), ClipTokenizer.from_file(vocab)(text))
     assert load_classnames(f"{url}/classes.txt") == ["tabby cat", "golden retriever"]
     with pytest.raises(ValueError, match="does not exist"):
         load_classnames(f"{url}/nope.txt")

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workers", type=int, default=0, help="--model data: grain worker processes (default 0)")
   p.add_argument("--data-source", default="synthetic",
                  help="--model data: a config.data.source (synthetic, folder, captions, webdataset, tfds, ...)")
-  p.add_argument("--data-path", help="--model data: its config.data.path (a local path or gs:// URL)")
+  p.add_argument("--data-path", help="--model data: its config.data.path (a local path, gs:// or s3:// URL)")
   p.add_argument("--data-name", help="--model data --data-source tfds: the TFDS data set name (config.data.name)")
   p.add_argument("--read-threads", type=int, default=8,
                  help="--model data: records read in flight (config.data.read_threads; default 8)")
@@ -117,7 +117,7 @@ def validate(args: argparse.Namespace) -> None:
                      "~/tensorflow_datasets, --data-path DATA_DIR.")
   if args.data_source not in ("synthetic", "tfds") and not args.data_path:
     raise BenchError(f"--data-source {args.data_source} needs --data-path (a folder, caption file or shard "
-                     "glob; local or gs://).")
+                     "glob; local, gs:// or s3://).")
   if args.read_threads < 1 or args.workers < 0:
     raise BenchError(f"--read-threads must be >= 1 and --workers >= 0, got {args.read_threads} and {args.workers}.")
   if args.model == "data" and args.compare:

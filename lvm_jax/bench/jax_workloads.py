@@ -450,8 +450,8 @@ def build_data(spec: Spec, workers: int = 0, source: str = "synthetic", path: st
                name: str | None = None, read_threads: int = 8) -> Workload:
   """A data source + supervised train transforms + grain loader: the input pipeline's own img/s.
 
-  `source`/`path`/`name` as config.data.source/path/name (any source, local or gs://): records are decoded,
-  random-resized-cropped to `spec.res`, flipped and normalised. One timed "step" draws enough
+  `source`/`path`/`name` as config.data.source/path/name (any source; local, gs:// or s3://): records
+  are decoded, random-resized-cropped to `spec.res`, flipped and normalised. One timed "step" draws enough
   batches for 512 images: the synthetic source renders (and caches) 256 images at a time, so
   shorter steps would time the cache.
   """
@@ -464,8 +464,9 @@ def build_data(spec: Spec, workers: int = 0, source: str = "synthetic", path: st
 
   from lvm_jax.bench.measure import rss_peak_gb
 
-  cfg = ml_collections.ConfigDict(dict(source=source, path=path or "", name=name or "", image_size=spec.res, hflip=True,
-                                        synthetic=dict(num_train=1_000_000, seed=spec.seed, image_size=spec.res)))
+  cfg = ml_collections.ConfigDict(dict(source=source, path=path or "", name=name or "", image_size=spec.res,
+                                        hflip=True, synthetic=dict(num_train=1_000_000, seed=spec.seed,
+                                                                   image_size=spec.res)))
   records = lvm_data.build_source(cfg, split="train")
   loader = lvm_data.make_loader(records, lvm_data.supervised_transforms(cfg, train=True), batch_size=spec.batch,
                                 shuffle=True, seed=spec.seed, num_epochs=None, worker_count=workers,

@@ -169,10 +169,6 @@ def glob(pattern: str) -> list[str]:
     return sorted(_url(fs, p) for p in fs.glob(inner))
 
 
-def has_magic(pattern: str) -> bool:
-    return globlib.has_magic(pattern)
-
-
 def missing(paths: Iterable[str]) -> list[str]:
     """The paths that are not files. Bucket URLs are checked with one listing per folder,
     not one request per file (a data set may have thousands of shards)."""
@@ -195,16 +191,11 @@ def missing(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def files_under(root: str) -> list[str]:
-    """Every file below the folder `root`, as paths relative to it ('/'-separated for URLs), sorted.
+def files_under(url: str) -> list[str]:
+    """Every object below the bucket folder `url`, as '/'-separated paths relative to it, sorted.
 
-    A bucket is listed with one (paginated) recursive listing, not one request per folder.
+    One (paginated) recursive listing, not one request per folder (local trees use os.walk).
     """
-    if not is_url(root):
-        rel = []
-        for dirpath, _, names in os.walk(root, followlinks=True):
-            rel += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
-        return sorted(rel)
-    fs, inner = _fs(root)
+    fs, inner = _fs(url)
     prefix = inner.rstrip("/") + "/"
     return sorted(p[len(prefix):] for p in fs.find(inner) if p.startswith(prefix))
