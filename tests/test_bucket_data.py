@@ -80,6 +80,21 @@ def test_webdataset_shards_in_a_bucket_read_like_local_ones(shards, tmp_path, st
         C.build_webdataset_source(_cfg(path=f"{url}/wds/{{00000..00001}}.tar,{url}/wds/00007.tar"))
 
 
+def test_grain_worker_processes_read_the_bucket(shards, store):
+    """A worker process (forked or spawned by grain) opens its own gcsfs/s3fs client and reads the shards."""
+    from lvm_jax.data.pipeline import make_loader
+    from lvm_jax.data.transforms import DecodeImage, DropFailed
+
+    store.put(shards, "wds-workers")
+    path = f"{store.url}/wds-workers/00001.tar"
+    src = C.build_webdataset_source(_cfg(path=path, eval_path=path))
+    loader = make_loader(src, [DecodeImage("skip"), DropFailed()], batch_size=2, shuffle=False, num_epochs=1,
+                         worker_count=1)
+    batches = list(loader)
+    assert [b["image"].shape for b in batches] == [(2, 8, 8, 3)] * 2
+    assert [c for b in batches for c in b["caption"]] == [f"caption {i}" for i in range(10, 14)]
+
+
 def test_hosts_sharing_a_bucket_index_dir_split_the_shard_scans(tmp_path, gcs_in_process, monkeypatch):
     """Two hosts building the same 8-shard source at once scan each shard about once, not twice."""
     import threading
