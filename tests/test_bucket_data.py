@@ -7,8 +7,8 @@ by record.
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 import pickle
 
 import numpy as np
@@ -249,16 +249,30 @@ def test_unsupported_data_urls_say_how_to_use_them():
     assert json.dumps(files.join("gs://b/x", "img/0.png")) == '"gs://b/x/img/0.png"'
 
 
+def _train(emulator: str, workdir: str, config: str, *args: str) -> tuple[list[tuple[float, float]], dict]:
+    """lvm-train in a fresh process against the emulated bucket -> ((loss, grad_norm) per step, final eval).
+
+    `workdir` may be local or gs:// (read back through gcsfs).
+    """
+    import subprocess
+    import sys
+
+    from lvm_jax.workdir import as_path
+    from tests.gcs_emulator import env
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", config, "--workdir", workdir, *args], cwd=ROOT,
+                          env=env(emulator), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = as_path(workdir)
+    steps = [(r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return steps, json.loads((run / "eval" / "latest.json").read_text())
+
+
 @pytest.mark.slow  # ~65 s on 2 cores: two lvm-train processes, each with a grain worker process
 def test_training_on_a_bucket_image_folder_equals_training_on_the_local_copy(tmp_path, emulator, bucket):
     """lvm-train reads data.path=gs://... through a grain worker process (its own gcsfs client after the
     fork) and trains exactly as on the same folder on disk: same losses, same eval."""
-    import subprocess
-    import sys
-
-    from tests.gcs_emulator import env
-    from tests.helpers import ROOT
-
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("val", 4)):
         for c in range(3):
@@ -270,19 +284,48 @@ def test_training_on_a_bucket_image_folder_equals_training_on_the_local_copy(tmp
                 (d / f"{i}.png").write_bytes(_png(tuple(color), size=16))
     bucket.put(str(tmp_path / "pets"), f"{BUCKET}/pets", recursive=True)
 
-    def train(data_path: str, workdir: str) -> tuple[list[float], dict]:
-        args = ["--config", "tests/configs/tiny_vit.py", "--workdir", workdir, "--config.total_steps=4",
-                "--config.ckpt_every=4", "--config.eval_every=4", "--config.model.num_classes=3",
-                "--config.data.source=folder", f"--config.data.path={data_path}", "--config.data.worker_count=1",
-                "--config.data.read_threads=4", "--config.eval_batch_size=8", "--config.batch_size=8"]
-        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env(emulator),
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-        losses = [(r["loss"], r["grad_norm"]) for r in map(json.loads, lines)]
-        return losses, json.loads((pathlib.Path(workdir) / "eval" / "latest.json").read_text())
+    def train(data_path: str, workdir: str) -> tuple[list[tuple[float, float]], dict]:
+        return _train(emulator, workdir, "tests/configs/tiny_vit.py", "--config.total_steps=4",
+                      "--config.ckpt_every=4", "--config.eval_every=4", "--config.model.num_classes=3",
+                      "--config.data.source=folder", f"--config.data.path={data_path}", "--config.data.worker_count=1",
+                      "--config.data.read_threads=4", "--config.eval_batch_size=8", "--config.batch_size=8")
 
     local_losses, local_eval = train(str(tmp_path / "pets"), str(tmp_path / "local"))
     remote_losses, remote_eval = train(f"{URL}/pets", str(tmp_path / "remote"))
     assert len(local_losses) == 4 and remote_losses == local_losses
     assert remote_eval == local_eval
+
+
+@pytest.mark.slow  # ~80 s on 2 cores: two tiny CLIP lvm-train processes
+def test_clip_on_bucket_shards_with_a_bucket_workdir_equals_the_local_run(tmp_path, emulator, gcs_in_process):
+    bucket = gcs_in_process
+    """CLIP from webdataset shards in gs:// into a gs:// workdir (a TPU pod's setup): the shard indexes land in
+    the workdir (webdataset_index/, so a restart does not rescan), and the run equals the all-local one."""
+    from PIL import Image
+
+    from tests.test_captions import _write_shard
+
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    (tmp_path / "shards").mkdir()
+    for s in range(2):
+        samples = []
+        for i in range(48):
+            name = list(colors)[(s * 48 + i) % 3]
+            image = np.zeros((16, 16, 3), np.uint8)
+            image[4:12, 4:12] = colors[name]
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            samples.append((f"{s}{i:04d}", {"png": buf.getvalue(), "txt": f"a photo of a {name} square".encode()}))
+        _write_shard(tmp_path / "shards" / f"{s:05d}.tar", samples)
+    bucket.put(str(tmp_path / "shards"), f"{BUCKET}/shards", recursive=True)
+
+    def train(shards: str, workdir: str) -> tuple[list[tuple[float, float]], dict]:
+        return _train(emulator, workdir, "tests/configs/tiny_clip.py", "--config.total_steps=4",
+                      "--config.ckpt_every=4", "--config.data.source=webdataset",
+                      f"--config.data.path={shards}/{{00000..00001}}.tar")
+
+    local_steps, local_eval = train(str(tmp_path / "shards"), str(tmp_path / "local"))
+    remote_steps, remote_eval = train(f"{URL}/shards", f"{URL}/clip-run")
+    assert len(local_steps) == 4 and remote_steps == local_steps and remote_eval == local_eval
+    assert len(list((tmp_path / "local" / "webdataset_index").iterdir())) == 2
+    assert len(bucket.ls(f"{BUCKET}/clip-run/webdataset_index")) == 2  # one index per shard, in the bucket

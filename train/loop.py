@@ -65,9 +65,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     default `workdir/compile_cache`): rerunning the command loads them instead of compiling.
     """
     workdir = run_dir.as_path(workdir)
+    config = with_default_index_dir(config, workdir)
     with compile_cache.use(config.get("compile_cache_dir", ""), workdir) as cache_dir:
         compile_cache.start_counting()
         return _train_and_evaluate(config, workdir, cache_dir)
+
+
+def with_default_index_dir(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
+    """`config` with data.index_dir defaulting to `workdir/webdataset_index` for webdataset data.
+
+    The member index of every shard is then built once per run, not at every restart: after a
+    preemption the run resumes without rescanning its shards (a full read of the data set when they
+    are in a bucket), and a pod's hosts share the scanning (lvm_jax.data.captions).
+    """
+    data = config.get("data") or {}
+    if data.get("source") != "webdataset" or data.get("index_dir"):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.index_dir = os.fspath(workdir / "webdataset_index")
+    return config
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -272,6 +289,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
                         step: int | None = None) -> dict[str, float]:
     """Restores the latest (or given) checkpoint in `workdir` (a path or gs:// URL) and runs the task's evals."""
     workdir = run_dir.as_path(workdir)
+    config = with_default_index_dir(config, workdir)
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     task = get_task(config, mesh)
     task.total_steps = int(config.get("total_steps") or 1)

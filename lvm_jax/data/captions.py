@@ -21,7 +21,8 @@ webdataset (``data.source='webdataset'``):
 
 Every path may be a gs:// URL (``lvm_jax.data.files``): a shard in a bucket is scanned once front
 to back and each record is then one ranged GET. On a pod, a shared ``data.index_dir`` (gs://)
-lets the hosts split the scanning (each starts at its own slice and reads the others' indexes).
+lets the hosts split the scanning (each starts at its own slice and reads the others' indexes);
+lvm-train defaults it to ``WORKDIR/webdataset_index`` (train/loop.py: with_default_index_dir).
 
 Splits: ``data.eval_path`` (same format) is the eval split; without it a fixed-seed
 ``data.holdout_fraction`` of the *images* (all their captions together) is held out.
