@@ -16,6 +16,6 @@ from lvm_jax.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_failure
 __all__ = [
     "CAPTION_TEMPLATES", "CLASS_NAMES", "Difficulty", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolder",
     "SOURCES", "ShardedSource", "SyntheticShapes", "TfdsSource", "ZEROSHOT_TEMPLATES",
-    "benchmark_loader", "build_source", "loader_options", "decode_failures", "make_loader", "register_source",
+    "benchmark_loader", "build_source", "decode_failures", "loader_options", "make_loader", "register_source",
     "supervised_transforms",
 ]
