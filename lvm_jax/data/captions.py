@@ -60,6 +60,7 @@ from etils import epath
 from tqdm import tqdm
 
 from lvm_jax.data import files
+from lvm_jax.workdir import write_whole
 
 ERROR_POLICIES = ("skip", "raise")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -326,7 +327,7 @@ def _cached_index(path: str, errors: str, index_dir: str | None):
     text = json.dumps({"shard": path if files.is_url(path) else os.path.abspath(path),
                        "samples": samples, "skipped": skipped})
     if files.is_url(cache):
-        epath.Path(cache).write_text(text)  # an object upload is all-or-nothing
+        write_whole(epath.Path(cache), text)  # an object upload is all-or-nothing
         return samples, skipped
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.{os.getpid()}.tmp"

@@ -31,9 +31,7 @@ CLIENTS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
 SCAN_BLOCK_BYTES = 8 << 20
 
 
-def is_url(path: str) -> bool:
-    """True for a bucket URL (gs://..., s3://...)."""
-    return is_remote(path)
+is_url = is_remote  # the workdir's test: a bucket URL (gs://..., s3://...) has no local file semantics
 
 
 def _fs(url: str, what: str = "data.path") -> tuple[Any, str]:
