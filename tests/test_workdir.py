@@ -73,18 +73,20 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.json"]  # no .tmp left behind
 
 
-@pytest.mark.parametrize("argv", [
-    ["lvm_jax.curation", "embeddings", "--curated", "c.npy", "--pool", "p.npy", "--out", "gs://b/curated"],
-    ["lvm_jax.convert", "model.safetensors", "gs://b/converted"],
+@pytest.mark.parametrize("argv, supported", [
+    (["lvm_jax.curation", "embeddings", "--curated", "c.npy", "--pool", "p.npy", "--out", "az://b/curated"],
+     "az:// is not supported here (gs://, s3:// and local paths are)"),
+    (["lvm_jax.convert", "model.safetensors", "gs://b/converted"],
+     "gs:// is not supported here (only local paths are)"),
 ])
-def test_tools_that_write_local_files_refuse_a_url_with_the_mount_fix(tmp_path, monkeypatch, capsys, argv):
+def test_tools_refuse_a_url_they_cannot_write_with_the_mount_fix(tmp_path, monkeypatch, capsys, argv, supported):
     import importlib
 
     monkeypatch.chdir(tmp_path)
     main = importlib.import_module(argv[0] + ".__main__").main
     assert main(argv[1:]) == 2
     err = capsys.readouterr().err
-    assert "gs:// is not supported here (only local paths are)" in err and "/mnt/b/" in err
+    assert supported in err and "/mnt/b/" in err
     assert "Traceback" not in err and not any(tmp_path.iterdir())
 
 

@@ -15,6 +15,9 @@ Several processes (``jax.distributed``): pass ``--coordinator HOST:PORT
 --num-processes P --process-id I`` (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host; embedding and pool search are
 sharded by process, outputs are written by process 0.
+
+``--out`` may be a gs:// or s3:// URL: the work happens in a local mirror (``--stage``) that
+uploads as results land and resumes from the bucket (``lvm_jax.curation.staging``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import sys
 
 from lvm_jax.cli import run_cli
 from lvm_jax.errors import UserError
-from lvm_jax.workdir import require_local
+from lvm_jax.workdir import is_remote
 
 
 def _distributed_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +63,9 @@ def _embeddings_parser(sub) -> None:
     p = sub.add_parser("embeddings", help="dedup + retrieval on embeddings (.npy or embedding dirs)")
     p.add_argument("--curated", required=True, help="curated embeddings: .npy [N, D] or embedding dir")
     p.add_argument("--pool", required=True, help="uncurated pool embeddings: .npy or embedding dir")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory or gs:// / s3:// URL")
+    from lvm_jax.curation.embed import add_stage_arg
+    add_stage_arg(p)
     p.add_argument("--reference", action="append", default=[],
                    help="reference set (e.g. an eval set) for relative dedup; repeatable")
     g = p.add_argument_group("deduplication")
@@ -119,17 +124,24 @@ def embeddings_config(args) -> dict:
 def cmd_embeddings(args) -> int:
     from lvm_jax.curation import pipeline
     from lvm_jax.curation.index import load_vectors
+    from lvm_jax.curation.staging import local_input, open_mirror
     comm = _init_distributed(args)
-    curated = load_vectors(args.curated, "curated")
-    pool = load_vectors(args.pool, "pool")
-    refs = [load_vectors(r) for r in args.reference]
-    inputs = dict(curated=os.path.abspath(args.curated), pool=os.path.abspath(args.pool),
-                  references=[os.path.abspath(r) for r in args.reference])
-    image_fn = _image_fn_for(inputs)
-    summary = pipeline.curate(curated, pool, args.out, refs, embeddings_config(args), comm,
-                              progress=not args.no_progress, inputs=inputs, image_fn=image_fn)
+    progress = not args.no_progress
+    mirror = open_mirror(args.out, args.stage, "--out", progress=progress)
+    # Inputs in a bucket are downloaded (they are memory-mapped); summary.json records where they
+    # live, so the manifest source follows them back to the bucket.
+    named = [("curated", args.curated, "--curated"), ("pool", args.pool, "--pool")]
+    named += [(None, r, "--reference") for r in args.reference]
+    local = [local_input(path, flag, progress) for _, path, flag in named]
+    curated, pool, *refs = [load_vectors(p, name) for (name, _, _), p in zip(named, local)]
+    recorded = [p if is_remote(p) else os.path.abspath(p) for _, p, _ in named]
+    inputs = dict(curated=recorded[0], pool=recorded[1], references=recorded[2:])
+    image_fn = _image_fn_for(dict(curated=local[0], pool=local[1]))
+    summary = pipeline.curate(curated, pool, mirror.local, refs, embeddings_config(args), comm,
+                              progress=progress, inputs=inputs, image_fn=image_fn)
     if comm.rank == 0:
-        _print_summary(summary, args.out)
+        mirror.push()
+        _print_summary(summary, mirror.location())
     return 0
 
 
@@ -176,7 +188,6 @@ def _main(argv: list[str]) -> int:
     spec, overrides, rest = split_config_args(argv)
     args = build_parser().parse_args(rest)
     args.config, args.overrides = spec, overrides
-    require_local(getattr(args, "out", None), "--out")
     if args.command == "embeddings":
         if spec or overrides:
             raise UserError("`lvm-curate embeddings` takes flags, not --config; see --help.")

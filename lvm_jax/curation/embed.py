@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from lvm_jax.curation.index import INDEX_FILE, Comm, shard_file
 from lvm_jax.errors import UserError
-from lvm_jax.workdir import require_local
 
 FEATURES = ("auto", "cls", "pooled", "pre_logits", "patch_mean")
 
@@ -154,12 +153,14 @@ def _plan(source, shard_size: int, dim: int, spec: dict | None, model_desc: dict
 def embed_source(source, out_dir: str, embedder: Embedder, preprocess: Callable[[dict], np.ndarray],
                  image_size: int, shard_size: int = 4096, spec: dict | None = None,
                  model_desc: dict | None = None, comm: Comm | None = None, workers: int = 4,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, after_shard: Callable[[list[str]], Any] | None = None) -> dict:
     """Embeds every record of `source` into `out_dir` (see module docstring); returns index.json.
 
     spec: how to rebuild the source (``lvm_jax.data.manifest.source_spec``), recorded so the
       manifest can be trained on and the report can show images.
     model_desc: what produced the embeddings; a re-run with a different one is refused.
+    after_shard: called with the files of each shard this process wrote, the embedding file
+      last (``lvm-curate --out gs://...`` uploads them right away).
     """
     comm = comm or Comm()
     if len(source) == 0:
@@ -195,24 +196,32 @@ def embed_source(source, out_dir: str, embedder: Embedder, preprocess: Callable[
                 labels += [r.get("label") for r in records]
                 paths += [r.get("path") for r in records]
                 bar.update(len(images))
-            _write_shard(out, s, indices, np.concatenate(embs), labels, paths)
+            written = _write_shard(out, s, indices, np.concatenate(embs), labels, paths)
+            if after_shard is not None:
+                after_shard(written)
     bar.close()
     if comm.size > 1:  # everyone's shards exist before anyone reads them
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"lvm-curate embed {out.resolve()}")
+        multihost_utils.sync_global_devices(f"lvm-curate embed {out.name}")  # same on every host
     return plan
 
 
 def _write_shard(out: pathlib.Path, s: int, ids: np.ndarray, emb: np.ndarray, labels: list, paths: list
-                 ) -> None:
-    np.save(out / shard_file("ids", s), ids.astype(np.int64))
+                 ) -> list[str]:
+    """Writes shard `s`; returns the files written, the embedding file (the shard's done mark) last."""
+    written = [out / shard_file("ids", s)]
+    np.save(written[-1], ids.astype(np.int64))
     if all(l is not None for l in labels):
-        np.save(out / shard_file("labels", s), np.asarray(labels, np.int64))
+        written.append(out / shard_file("labels", s))
+        np.save(written[-1], np.asarray(labels, np.int64))
     if all(p is not None for p in paths):
-        (out / shard_file("paths", s, "json")).write_text(json.dumps(paths))
+        written.append(out / shard_file("paths", s, "json"))
+        written[-1].write_text(json.dumps(paths))
     tmp = out / f"emb_{s:05d}.tmp{os.getpid()}.npy"
     np.save(tmp, emb.astype(np.float16))
-    os.replace(tmp, out / shard_file("emb", s))  # last: its existence marks the shard done
+    written.append(out / shard_file("emb", s))
+    os.replace(tmp, written[-1])  # last: its existence marks the shard done
+    return [str(w) for w in written]
 
 
 # ----------------------------------------------------------------------------
@@ -300,21 +309,30 @@ def backbone_params(model, params: dict, image_size: int) -> dict:
     return take(expected, params, "")
 
 
-def build_backbone(config, out_dir: str, comm: Comm) -> tuple[Any, dict, dict]:
-    """(model, params, description) for ``config.backbone`` of a curation config."""
+def build_backbone(config, mirror, rel: str, comm: Comm) -> tuple[Any, dict, dict]:
+    """(model, params, description) for ``config.backbone`` of a curation config; a backbone that
+    lvm-train trains lives in ``mirror``'s ``rel`` (uploaded when ``mirror`` is a bucket)."""
     import jax
     import jax.numpy as jnp
     from train.tasks.common import build_vit
+    from lvm_jax.workdir import is_remote, local_copy
     model = build_vit(config.model, num_classes=None)
     size = int(config.embed.image_size)
     bb = config.backbone
     desc = dict(model=config.model.to_dict(), feature=config.embed.feature, image_size=size)
     if bb.get("params"):
-        params = backbone_params(model, read_params(bb.params), size)
-        desc["params"] = os.path.abspath(bb.params)
+        with local_copy(bb.params, "backbone.params") as path:
+            params = backbone_params(model, read_params(path), size)
+        desc["params"] = bb.params if is_remote(bb.params) else os.path.abspath(bb.params)
     elif bb.get("train_config"):
-        workdir = os.path.join(out_dir, "backbone")
+        if mirror.remote and comm.size > 1:  # each host's mirror is its own disk: no shared checkpoint
+            raise UserError(f"several processes cannot train the backbone into the bucket output {mirror.out}; "
+                            f"train it first (lvm-train --config {bb.train_config} --workdir "
+                            f"{mirror.location(rel)}) and set config.backbone.params to that workdir.")
+        workdir = mirror.path(rel)
         train_backbone(bb, workdir)
+        if comm.rank == 0:
+            mirror.push(rel)
         params = backbone_params(model, read_params(workdir), size)
         desc["params"] = dict(trained=bb.train_config, overrides=list(bb.get("train_overrides", ())))
     else:
@@ -344,16 +362,24 @@ def add_embed_parser(sub, distributed_args) -> None:
     p = sub.add_parser("embed", help="embed one image set of a curation config into float16 shards")
     p.add_argument("--set", default="pool",
                    help="which set of the config: 'curated', 'pool' or 'reference:I'")
-    p.add_argument("--out", default=None, help="output dir (default: <config.out>/embeddings/<set>)")
+    p.add_argument("--out", default=None, help="output dir or gs:// / s3:// URL "
+                   "(default: <config.out>/embeddings/<set>)")
+    add_stage_arg(p)
     p.add_argument("--no-progress", action="store_true")
     distributed_args(p)
 
 
 def add_run_parser(sub, distributed_args) -> None:
     p = sub.add_parser("run", help="images -> embeddings -> dedup -> retrieval -> manifest, from --config")
-    p.add_argument("--out", default=None, help="output dir (default: config.out)")
+    p.add_argument("--out", default=None, help="output dir or gs:// / s3:// URL (default: config.out)")
+    add_stage_arg(p)
     p.add_argument("--no-progress", action="store_true")
     distributed_args(p)
+
+
+def add_stage_arg(p) -> None:
+    p.add_argument("--stage", default=None, help="local mirror of a bucket --out (default: "
+                   "~/.cache/lvm_jax/curate/<scheme>/<bucket>/<path>); see lvm_jax.curation.staging")
 
 
 def _load(args, need_out: bool = True):
@@ -362,7 +388,6 @@ def _load(args, need_out: bool = True):
         raise UserError(f"`lvm-curate {args.command}` needs --config, e.g. --config configs/curate_synthetic.py.")
     config = load_config(args.config, args.overrides)
     out = args.out or config.get("out") or ""
-    require_local(config.get("out"), "config.out")
     if not out and (need_out or not args.out):
         raise UserError("no output directory: pass --out DIR or set config.out.")
     return config, out
@@ -375,35 +400,69 @@ def _sets(config) -> dict[str, Any]:
     return sets
 
 
-def _set_dir(out: str, name: str) -> str:
-    return os.path.join(out, "embeddings", name.replace(":", "_"))
+def _set_rel(name: str) -> str:
+    """Where `lvm-curate run` keeps a set's embeddings, relative to its output."""
+    return "embeddings/" + name.replace(":", "_")
 
 
-def _embed_sets(config, out: str, dirs: dict[str, str], comm: Comm, progress: bool) -> None:
-    """Embeds each named set of `config` into its directory (`dirs`: set name -> dir)."""
+def _embed_sets(config, mirror, dirs: dict[str, str], comm: Comm, progress: bool, backbone=None) -> None:
+    """Embeds each named set of `config` into its directory (`dirs`: set name -> path relative to
+    the mirror), uploading each shard as it lands when the output is a bucket.
+
+    backbone: (mirror, relative path) of a backbone lvm-train trains; default ``mirror``'s 'backbone'.
+    """
     from lvm_jax.data.manifest import open_image_source, source_spec
     sets = _sets(config)
     unknown = sorted(set(dirs) - set(sets))
     if unknown:
         raise UserError(f"--set {unknown[0]!r} is not one of {sorted(sets)}.")
-    model, params, desc = build_backbone(config, out, comm)
+    model, params, desc = build_backbone(config, *(backbone or (mirror, "backbone")), comm)
     e = config.embed
     embedder = Embedder(model, params, e.feature, int(e.batch_size))
     preprocess = make_preprocess(int(e.image_size), float(e.crop_pct), e.get("mean"), e.get("std"))
-    for name, directory in dirs.items():
+    for name, rel in dirs.items():
         spec = source_spec(sets[name], "train")
+        directory = mirror.path(rel)
+        meta = os.path.join(directory, INDEX_FILE)
         embed_source(open_image_source(spec), directory, embedder, preprocess, int(e.image_size),
-                     int(e.shard_size), spec, desc, comm, int(e.workers), progress)
+                     int(e.shard_size), spec, desc, comm, int(e.workers), progress,
+                     after_shard=lambda written: mirror.push_files([meta, *written]))
+        if comm.rank == 0:
+            mirror.push(rel)
+    if mirror.remote and comm.size > 1:  # every shard is in the bucket: fetch the other processes'
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"lvm-curate uploaded {mirror.out}")
+        for rel in dirs.values():
+            mirror.pull(rel, progress=progress and comm.rank == 0)
 
 
 def cmd_embed(args, init_distributed) -> int:
     config, _ = _load(args, need_out=False)
     comm = init_distributed(args)
-    # Without config.out, the backbone (if trained) lives next to the embedding dir.
-    root = config.get("out") or os.path.dirname(os.path.abspath(args.out))
-    target = args.out or _set_dir(root, args.set)
-    _embed_sets(config, root, {args.set: target}, comm, not args.no_progress)
+    if args.out:
+        mirror, rel = _open(args.out, args), ""
+    else:
+        mirror, rel = _open(config.out, args, "config.out", _set_rel(args.set)), _set_rel(args.set)
+    # A trained backbone lives in <config.out>/backbone (shared with `run`), else beside --out.
+    if config.get("out") and not args.out:
+        home = mirror
+        mirror.pull("backbone", progress=not args.no_progress)
+    elif config.get("out"):
+        home = _open(config.out, args, "config.out", "backbone", own_stage=False)
+    else:
+        parent = mirror.out.rsplit("/", 1)[0] if mirror.remote else os.path.dirname(mirror.out)
+        home = _open(parent, args, "--out", "backbone", own_stage=False)
+    _embed_sets(config, mirror, {args.set: rel}, comm, not args.no_progress, backbone=(home, "backbone"))
+    if comm.rank == 0:
+        print(f"embeddings of {args.set!r} in {mirror.location(rel)}")
     return 0
+
+
+def _open(out: str, args, what: str, rel: str = "", own_stage: bool = True):
+    """The Mirror of `out`, its `rel` part filled from the bucket (resuming an earlier run's uploads).
+    own_stage: False for a second mirror, which --stage (naming the --out mirror) does not apply to."""
+    from lvm_jax.curation.staging import open_mirror
+    return open_mirror(out, args.stage if own_stage else None, what, rel, progress=not args.no_progress)
 
 
 def cmd_run(args, init_distributed) -> int:
@@ -412,21 +471,29 @@ def cmd_run(args, init_distributed) -> int:
     from lvm_jax.curation.__main__ import _image_fn_for, _print_summary
     config, out = _load(args)
     comm = init_distributed(args)
+    mirror = _open(out, args, "--out" if args.out else "config.out")
     t0 = time.perf_counter()
     names = list(_sets(config))
-    _embed_sets(config, out, {n: _set_dir(out, n) for n in names}, comm, not args.no_progress)
+    _embed_sets(config, mirror, {n: _set_rel(n) for n in names}, comm, not args.no_progress)
     embed_s = time.perf_counter() - t0
-    sets = {n: load_vectors(_set_dir(out, n), n if n.startswith("reference") else n) for n in names}
+    sets = {n: load_vectors(mirror.path(_set_rel(n)), n) for n in names}
     refs = [sets[n] for n in names if n.startswith("reference")]
-    inputs = dict(curated=os.path.abspath(_set_dir(out, "curated")), pool=os.path.abspath(_set_dir(out, "pool")),
-                  references=[os.path.abspath(_set_dir(out, n)) for n in names if n.startswith("reference")])
-    summary = pipeline.curate(sets["curated"], sets["pool"], out, refs, config.get("curation"), comm,
-                              progress=not args.no_progress, inputs=inputs, image_fn=_image_fn_for(inputs))
+    # summary.json names the embeddings where readers find them (the bucket, for a bucket --out);
+    # the report reads the images through the local copies.
+    where = {"curated": _set_rel("curated"), "pool": _set_rel("pool"),
+             "references": [_set_rel(n) for n in names if n.startswith("reference")]}
+    inputs = {k: [mirror.location(r) for r in v] if isinstance(v, list) else mirror.location(v)
+              for k, v in where.items()}
+    local = {k: [mirror.path(r) for r in v] if isinstance(v, list) else mirror.path(v)
+             for k, v in where.items()}
+    summary = pipeline.curate(sets["curated"], sets["pool"], mirror.local, refs, config.get("curation"), comm,
+                              progress=not args.no_progress, inputs=inputs, image_fn=_image_fn_for(local))
     if comm.rank == 0:
         summary["timings_s"]["embed"] = round(embed_s, 3)
-        with open(os.path.join(out, "summary.json"), "w") as f:
+        with open(mirror.path("summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        _print_summary(summary, out)
+        mirror.push()
+        _print_summary(summary, mirror.location())
         print(f"train on it: lvm-train --config configs/vit_synthetic.py --workdir WORKDIR "
-              f"--config.data.source=manifest --config.data.path={out}")
+              f"--config.data.source=manifest --config.data.path={mirror.location()}")
     return 0

@@ -197,3 +197,29 @@ def files_under(url: str) -> list[str]:
     fs, inner = _fs(url)
     prefix = inner.rstrip("/") + "/"
     return sorted(p[len(prefix):] for p in fs.find(inner) if p.startswith(prefix))
+
+
+def sizes_under(url: str) -> dict[str, int]:
+    """{path relative to the bucket folder `url`: size in bytes} of every object below it (one listing)."""
+    fs, inner = _fs(url)
+    prefix = inner.rstrip("/") + "/"
+    try:
+        found = fs.find(inner, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(prefix)}
+
+
+def upload(local: str, url: str) -> None:
+    """Copies the local file to the object `url` (one upload: readers see the old or the new object)."""
+    fs, inner = _fs(url)
+    fs.put_file(local, inner)
+
+
+def download(url: str, local: str) -> None:
+    """Copies the object `url` to the local file (through a temporary name, then renamed)."""
+    fs, inner = _fs(url)
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.part{os.getpid()}"
+    fs.get_file(inner, tmp)
+    os.replace(tmp, local)

@@ -1,7 +1,8 @@
 """``manifest`` source: train on the images a curation run kept.
 
-``--config.data.source=manifest --config.data.path=DIR`` where DIR holds the
-``manifest.jsonl`` and ``summary.json`` written by ``lvm-curate``.  The
+``--config.data.source=manifest --config.data.path=DIR`` where DIR (a local path, or the
+gs:// / s3:// URL ``lvm-curate --out`` wrote to) holds the ``manifest.jsonl`` and
+``summary.json`` written by ``lvm-curate``.  The
 summary names the embedding directories of the curated set and the pool; each
 of those records (``index.json`` -> ``"source"``) how to rebuild the image
 source it embedded, and manifest ids are record positions in those sources.
@@ -17,12 +18,13 @@ Records: ``dict(image=uint8 [H, W, 3] or encoded bytes, label=int, id=int)``
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any
 
 import numpy as np
 
+from lvm_jax.data import files
 from lvm_jax.data.sources import build_source, register_source
 from lvm_jax.errors import UserError
 
@@ -77,17 +79,48 @@ def open_image_source(spec: dict[str, Any]):
 
 
 def open_embedded_source(emb_dir: str) -> tuple[Any, np.ndarray] | None:
-  """(image source, ids ``[N]`` of the embedded rows) of an embedding directory, or None
-  when it records no source (plain .npy vectors)."""
-  meta_file = os.path.join(emb_dir, "index.json")
-  if not os.path.isfile(meta_file):
+  """(image source, ids ``[N]`` of the embedded rows) of an embedding directory (local or a bucket
+  URL), or None when it records no source (plain .npy vectors)."""
+  meta = _read_index(emb_dir)
+  if not meta or not meta.get("source"):
     return None
-  with open(meta_file) as f:
-    meta = json.load(f)
-  if not meta.get("source"):
+  return open_image_source(meta["source"]), embedded_ids_labels(emb_dir, meta)[0]
+
+
+def _read_index(emb_dir: str) -> dict | None:
+  from lvm_jax.curation.index import INDEX_FILE
+  meta_file = files.join(emb_dir, INDEX_FILE)
+  if not files.isfile(meta_file):
     return None
-  from lvm_jax.curation.index import load_vectors
-  return open_image_source(meta["source"]), load_vectors(emb_dir).ids
+  return json.loads(files.read_bytes(meta_file))
+
+
+def embedded_ids_labels(emb_dir: str, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
+  """(ids ``[N]``, labels ``[N]`` or None) of an embedding directory, without its vectors: the
+  manifest needs no more, and a bucket's vectors are not memory-mappable."""
+  from lvm_jax.curation.index import shard_file
+  ids, labels = [], []
+  for s in range(int(meta["num_shards"])):
+    try:
+      ids.append(np.load(io.BytesIO(files.read_bytes(files.join(emb_dir, shard_file("ids", s))))))
+    except OSError as e:
+      raise UserError(f"embedding directory {emb_dir} lacks shard {s} ({e}); finish it with "
+                      "`lvm-curate embed` (same --out).") from e
+    label_file = files.join(emb_dir, shard_file("labels", s))
+    if labels is not None and files.isfile(label_file):
+      labels.append(np.load(io.BytesIO(files.read_bytes(label_file))))
+    else:
+      labels = None
+  return np.concatenate(ids), (np.concatenate(labels) if labels else None)
+
+
+def _resolve_input(root: str, recorded: str) -> str:
+  """The embedding directory summary.json names, or -- when the output was moved or copied (e.g.
+  `gsutil cp -r` into a bucket) -- its namesake under ``root/embeddings``."""
+  if not recorded or files.isdir(recorded):
+    return recorded
+  moved = files.join(root, "embeddings/" + recorded.rstrip("/").rsplit("/", 1)[-1])
+  return moved if files.isdir(moved) else recorded
 
 
 # ----------------------------------------------------------------------------
@@ -97,44 +130,39 @@ class ManifestSource:
   """grain RandomAccessDataSource over a curation manifest (see module docstring)."""
 
   def __init__(self, root: str):
-    from lvm_jax.curation.index import load_vectors
-    manifest = os.path.join(root, "manifest.jsonl")
-    summary_file = os.path.join(root, "summary.json")
-    if not os.path.isfile(manifest) or not os.path.isfile(summary_file):
+    manifest = files.join(root, "manifest.jsonl")
+    summary_file = files.join(root, "summary.json")
+    if files.missing([manifest, summary_file]):
       raise UserError(f"{root!r} has no manifest.jsonl/summary.json; set data.path to the --out "
                       "directory of a finished `lvm-curate run` or `lvm-curate embeddings`.")
-    with open(summary_file) as f:
-      inputs = json.load(f).get("inputs", {})
+    inputs = json.loads(files.read_bytes(summary_file)).get("inputs", {})
     self.root = root
-    self.sources, labels = {}, {}
+    self.sources, labels, metas = {}, {}, {}
     for kind, key in (("curated", "curated"), ("retrieved", "pool")):
-      path = inputs.get(key, "")
-      opened = open_embedded_source(path) if path and os.path.isdir(path) else None
-      if opened is None:
+      path = _resolve_input(root, inputs.get(key, ""))
+      meta = _read_index(path) if path and files.isdir(path) else None
+      if not meta or not meta.get("source"):
         raise UserError(f"the {key} set of {root!r} ({path or 'unknown'}) records no image source "
                         "(plain .npy vectors?); curate embedding directories from `lvm-curate embed` "
                         "or `lvm-curate run` to train on the manifest.")
-      self.sources[kind] = opened[0]
+      ids, set_labels = embedded_ids_labels(path, meta)
+      self.sources[kind], metas[kind] = open_image_source(meta["source"]), meta
       if kind == "curated":
-        vectors = load_vectors(path)
-        labels = dict(zip(vectors.ids.tolist(), (vectors.labels if vectors.labels is not None
-                                                 else np.full(len(vectors), -1)).tolist()))
-    self.curated_spec = None
-    with open(os.path.join(inputs["curated"], "index.json")) as f:
-      self.curated_spec = json.load(f)["source"]
+        labels = dict(zip(ids.tolist(), (set_labels if set_labels is not None
+                                         else np.full(len(ids), -1)).tolist()))
+    self.curated_spec = metas["curated"]["source"]
     kinds, ids, record_labels = [], [], []
-    with open(manifest) as f:
-      for n, line in enumerate(f):
-        if not line.strip():
-          continue
-        entry = json.loads(line)
-        kind = entry.get("source")
-        if kind not in self.sources:
-          raise UserError(f"{manifest}:{n + 1} has source {kind!r}; expected 'curated' or 'retrieved'.")
-        owner = entry["id"] if kind == "curated" else entry.get("query")
-        kinds.append(kind == "retrieved")
-        ids.append(int(entry["id"]))
-        record_labels.append(int(labels.get(owner, -1)) if owner is not None else -1)
+    for n, line in enumerate(files.read_bytes(manifest).decode("utf-8").splitlines()):
+      if not line.strip():
+        continue
+      entry = json.loads(line)
+      kind = entry.get("source")
+      if kind not in self.sources:
+        raise UserError(f"{manifest}:{n + 1} has source {kind!r}; expected 'curated' or 'retrieved'.")
+      owner = entry["id"] if kind == "curated" else entry.get("query")
+      kinds.append(kind == "retrieved")
+      ids.append(int(entry["id"]))
+      record_labels.append(int(labels.get(owner, -1)) if owner is not None else -1)
     if not ids:
       raise UserError(f"{manifest} is empty; nothing to train on.")
     self.retrieved = np.asarray(kinds, bool)
@@ -167,7 +195,8 @@ def build_manifest_source(data_cfg, split: str = "train"):
   root = data_cfg.get("path", "") or ""
   if not root:
     raise UserError("data.path is empty; set it to the output directory of `lvm-curate run`.")
-  source = ManifestSource(os.path.expanduser(root))
+  files.check(root)
+  source = ManifestSource(files.expand(root))
   if split == "train":
     return source
   spec = dict(source.curated_spec)

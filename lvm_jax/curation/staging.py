@@ -1,0 +1,175 @@
+"""lvm-curate with its output in a bucket (gs://, s3://): a local mirror that uploads as results land.
+
+Curation memory-maps embedding shards, keeps a dedup cache and renames files into place -- none
+of which a bucket can do -- so with ``--out gs://b/curated`` the work happens in a local mirror
+directory (``--stage DIR``; default ``~/.cache/lvm_jax/curate/<scheme>/<bucket>/<path>``):
+
+- at the start the mirror is filled from the bucket (objects it lacks, or holds at another
+  size), so a run preempted on one VM resumes on another from what it had uploaded;
+- each embedding shard is uploaded as soon as it is written; everything else (index.json,
+  manifest.jsonl, summary.json, the report, the dedup cache, a trained backbone's checkpoints)
+  when the step that writes it ends;
+- compile caches stay local: they belong to one machine.
+
+With several processes each uploads what it wrote, then all meet at a barrier and pull the
+others' shards. A local ``--out`` is its own mirror: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+from tqdm import tqdm
+
+from lvm_jax.data import files
+from lvm_jax.errors import UserError
+from lvm_jax.workdir import is_remote
+
+# Directories never uploaded: the XLA compile cache is machine-specific (see lvm_jax.compile_cache).
+LOCAL_ONLY_DIRS = ("compile_cache",)
+
+
+def default_stage(url: str) -> str:
+    """``$XDG_CACHE_HOME/lvm_jax/curate/<scheme>/<bucket>/<path>`` (``~/.cache`` by default)."""
+    scheme, _, rest = url.partition("://")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "lvm_jax", "curate", scheme, *[p for p in rest.split("/") if p])
+
+
+class Mirror:
+    """The output location ``out`` (local path or bucket URL) and the local directory worked in.
+
+    ``local``: where the tools read and write. ``location(rel)``: where ``rel`` ends up (the
+    bucket URL, or the local path itself when ``out`` is local).
+    """
+
+    def __init__(self, out: str, stage: str | None = None, what: str = "--out"):
+        self.remote = is_remote(out)
+        if self.remote:
+            files.check_url(out, what)
+            self.out = out.rstrip("/")
+            self.local = os.path.abspath(os.path.expanduser(stage or default_stage(self.out)))
+        else:
+            self.out = self.local = os.path.abspath(os.path.expanduser(out))
+        # rel -> (size, mtime_ns) of the local file when it last matched the bucket's object.
+        self._synced: dict[str, tuple[int, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"Mirror({self.out!r}, local={self.local!r})"
+
+    def path(self, rel: str = "") -> str:
+        """The local path of ``rel`` (a '/'-separated path below ``out``)."""
+        return os.path.join(self.local, *rel.split("/")) if rel else self.local
+
+    def location(self, rel: str = "") -> str:
+        """Where ``rel`` lives for readers of the output: its URL, or its local path."""
+        if not self.remote:
+            return self.path(rel)
+        return f"{self.out}/{rel}" if rel else self.out
+
+    def rel(self, local_path: str) -> str:
+        """``local_path`` (inside the mirror) relative to it, '/'-separated."""
+        rel = os.path.relpath(os.path.abspath(local_path), self.local)
+        if rel.startswith(".."):
+            raise ValueError(f"{local_path} is not inside the mirror {self.local}")
+        return "" if rel == "." else rel.replace(os.sep, "/")
+
+    def _stamp(self, rel: str) -> tuple[int, int]:
+        st = os.stat(self.path(rel))
+        return st.st_size, st.st_mtime_ns
+
+    def pull(self, rel: str = "", progress: bool = True) -> int:
+        """Downloads the objects below ``location(rel)`` that the mirror lacks (or holds at another
+        size); returns how many. A no-op for a local ``out``."""
+        if not self.remote:
+            return 0
+        objects = {f"{rel}/{r}" if rel else r: size for r, size in files.sizes_under(self.location(rel)).items()}
+        todo = []
+        for r, size in sorted(objects.items()):
+            if _local_only(r):
+                continue
+            local = self.path(r)
+            if os.path.isfile(local) and os.path.getsize(local) == size:
+                self._synced[r] = self._stamp(r)
+            else:
+                todo.append((r, size))
+        with tqdm(total=sum(s for _, s in todo), unit="B", unit_scale=True, desc=f"fetching {self.out}",
+                  disable=not progress or not todo) as bar:
+            for r, size in todo:
+                files.download(self.location(r), self.path(r))
+                self._synced[r] = self._stamp(r)
+                bar.update(size)
+        return len(todo)
+
+    def push(self, rel: str = "") -> int:
+        """Uploads the files below the mirror's ``rel`` that changed since they last matched the
+        bucket; returns how many. A no-op for a local ``out``."""
+        if not self.remote:
+            return 0
+        root = self.path(rel)
+        if os.path.isfile(root):
+            return self.push_files([root])
+        found = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in LOCAL_ONLY_DIRS)
+            found += [os.path.join(folder, n) for n in sorted(names)]
+        return self.push_files(found)
+
+    def push_files(self, paths: Iterable[str]) -> int:
+        """Uploads these local files (inside the mirror) where they changed; returns how many."""
+        if not self.remote:
+            return 0
+        sent = 0
+        for path in paths:
+            r = self.rel(path)
+            if _local_only(r) or _temporary(r) or not os.path.isfile(path):
+                continue
+            stamp = self._stamp(r)
+            if self._synced.get(r) == stamp:
+                continue
+            files.upload(path, self.location(r))
+            self._synced[r] = stamp
+            sent += 1
+        return sent
+
+
+def open_mirror(out: str, stage: str | None = None, what: str = "--out", rel: str = "",
+                progress: bool = True) -> Mirror:
+    """The Mirror of `out` with its `rel` part filled from the bucket: a run resumes what an earlier
+    one (on this VM or another) uploaded."""
+    mirror = Mirror(out, stage, what)
+    mirror.pull(rel, progress=progress)
+    return mirror
+
+
+def local_input(location: str, what: str, progress: bool = True) -> str:
+    """A local path for an input that may be in a bucket (an .npy file or an embedding directory):
+    bucket inputs are downloaded to their default stage (they are memory-mapped), once."""
+    if not is_remote(location):
+        return location
+    files.check_url(location, what)
+    if files.isfile(location):
+        local = default_stage(location)
+        if not (os.path.isfile(local) and os.path.getsize(local) == files.size(location)):
+            files.download(location, local)
+        return local
+    mirror = Mirror(location, None, what)
+    if not mirror.pull(progress=progress) and not os.path.isdir(mirror.local):
+        raise UserError(f"{what} {location} does not exist (or these credentials cannot list it); "
+                        "check the URL.")
+    return mirror.local
+
+
+def _local_only(rel: str) -> bool:
+    return any(part in LOCAL_ONLY_DIRS for part in rel.split("/")[:-1])
+
+
+def _temporary(rel: str) -> bool:
+    """Files caught mid-write (``emb_00001.tmp123.npy``, ``x.part123``, orbax's ``*-tmp-*``); their
+    final names are uploaded."""
+    return _TEMPORARY.search(rel) is not None
+
+
+_TEMPORARY = re.compile(r"\.(tmp|part)\d*(\.|$)|-tmp-")
