@@ -6,8 +6,8 @@
 #      hlo_after_optimizations.txt.gz, gpu_ab.log);
 #   2. with EXTRA=1: cuDNN vs XLA attention numerics (gpu_attention.json) and a short bf16 `lvm-train`.
 # The formal suite (`lvm-bench --suite gpu`, scripts/gpu_suite.sh) stays separately runnable.
-# Wheels in .whl/ (packages the machine lacks: grain, ml_collections, open_clip, ...) are installed
-# offline into /tmp/site first.
+# Wheels in .whl/ (packages the machine lacks: grain, ml_collections, open_clip, ...; fetch them here
+# with `bash scripts/gpu_wheels.sh`) are installed offline into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"

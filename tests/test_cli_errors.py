@@ -77,7 +77,8 @@ def test_corrupt_jpeg_is_skipped_or_named(tmp_path, capsys):
     data = _folder(tmp_path / "data", corrupt=2)
     common = ["--config.data.source=folder", f"--config.data.path={data}", "--config.model.num_classes=None",
               "--config.total_steps=2", "--config.ckpt_every=0", "--config.optim.warmup_steps=1",
-              "--config.batch_size=8", "--config.eval_batch_size=8"]
+              "--config.batch_size=8", "--config.eval_batch_size=8",
+              f"--config.compile_cache_dir={tmp_path / 'cc'}"]  # the second run loads the first's programs
     rc, err = _train(tmp_path, *common, capsys=capsys)
     assert rc == 0, err
     assert "undecodable images were skipped" in err

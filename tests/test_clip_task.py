@@ -139,11 +139,12 @@ def test_sharded_ring_sigmoid_step_matches_single_device(initial):
 
 
 # --------------------------------------------------------------------------------- accumulation
-def _reference_grads(task, params, batch, jit=True):
-    """Independent big-batch reference: naive B x B loss on eval-mode towers (no dropout is configured)."""
+def _reference_grad_fn(task):
+    """Independent big-batch reference, jitted: (params, batch) -> (naive B x B loss on eval-mode towers
+    (no dropout is configured), its gradients)."""
     model = task.model
 
-    def loss_fn(p):
+    def loss_fn(p, batch):
         img = model.apply({"params": p}, batch["image"], method="encode_image")
         txt = model.apply({"params": p}, batch["tokens"], method="encode_text")
         img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
@@ -153,8 +154,7 @@ def _reference_grads(task, params, batch, jit=True):
             return softmax_contrastive_loss(img, txt, scale)
         return sigmoid_contrastive_loss(img, txt, scale, p["logit_bias"])
 
-    grad_fn = jax.value_and_grad(loss_fn)
-    return (jax.jit(grad_fn) if jit else grad_fn)(params)
+    return jax.jit(jax.value_and_grad(loss_fn))
 
 
 @pytest.mark.parametrize("loss", ["softmax", pytest.param("sigmoid", marks=pytest.mark.slow)])
@@ -165,14 +165,14 @@ def test_gradcache_accumulation_equals_big_batch(initial, loss):
     batch = {key: jnp.asarray(v) for key, v in _batch(task).items()}
     with sharding.mesh_context(mesh):
         loss_k, grads_k = jax.jit(task.loss_and_grads)(state.params, batch, jax.random.PRNGKey(1))
-    loss_ref, grads_ref = _reference_grads(task, state.params, batch)
+    reference = _reference_grad_fn(task)
+    loss_ref, grads_ref = reference(state.params, batch)
     np.testing.assert_allclose(loss_k, loss_ref, rtol=1e-5)
     for (path, ref), got in zip(jax.tree_util.tree_leaves_with_path(grads_ref), jax.tree_util.tree_leaves(grads_k)):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
     # The comparison can fail: averaging per-micro-batch gradients (each seeing B/k negatives) differs.
-    averaged = [_reference_grads(task, state.params, {key: v[i::k] for key, v in batch.items()}, jit=False)[1]
-                for i in range(k)]
+    averaged = [reference(state.params, {key: v[i::k] for key, v in batch.items()})[1] for i in range(k)]
     averaged = jax.tree_util.tree_map(lambda *g: sum(g) / k, *averaged)
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                zip(jax.tree_util.tree_leaves(averaged), jax.tree_util.tree_leaves(grads_ref)))
