@@ -80,6 +80,21 @@ def test_curate_run_into_a_bucket_equals_the_local_run_and_resumes_from_it(curat
     assert files.isfile(f"{out}/embeddings/pool/emb_00001.npy")
 
 
+def test_curate_embed_writes_one_set_into_the_bucket(curated_run, gcs_in_process, tmp_path):
+    """`lvm-curate embed --out gs://...` (as each pod host runs it): the shards the local run wrote, byte for byte."""
+    run_dir, config = curated_run
+    out = f"gs://{BUCKET}/embed-only/pool"
+    assert curate_main(["embed", "--config", config, "--set", "pool", "--out", out, "--stage", str(tmp_path / "s"),
+                        "--no-progress"]) == 0
+    local = run_dir / "run" / "embeddings" / "pool"
+    names = sorted(p.name for p in local.iterdir())
+    assert sorted(files.sizes_under(out)) == names
+    for name in names:
+        if name != "index.json":  # (it records the same plan; compared parsed below)
+            assert files.read_bytes(f"{out}/{name}") == (local / name).read_bytes(), name
+    assert json.loads(files.read_bytes(f"{out}/index.json")) == json.loads((local / "index.json").read_text())
+
+
 def test_curate_embeddings_reads_and_writes_the_bucket(curated_run, store, tmp_path):
     run_dir, _ = curated_run
     local = run_dir / "run"

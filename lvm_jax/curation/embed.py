@@ -440,7 +440,7 @@ def cmd_embed(args, init_distributed) -> int:
     config, _ = _load(args, need_out=False)
     comm = init_distributed(args)
     if args.out:
-        mirror, rel = _open(args.out, args), ""
+        mirror, rel = _open(args.out, args, "--out"), ""
     else:
         mirror, rel = _open(config.out, args, "config.out", _set_rel(args.set)), _set_rel(args.set)
     # A trained backbone lives in <config.out>/backbone (shared with `run`), else beside --out.

@@ -194,13 +194,12 @@ def files_under(url: str) -> list[str]:
 
     One (paginated) recursive listing, not one request per folder (local trees use os.walk).
     """
-    fs, inner = _fs(url)
-    prefix = inner.rstrip("/") + "/"
-    return sorted(p[len(prefix):] for p in fs.find(inner) if p.startswith(prefix))
+    return sorted(sizes_under(url))
 
 
 def sizes_under(url: str) -> dict[str, int]:
-    """{path relative to the bucket folder `url`: size in bytes} of every object below it (one listing)."""
+    """{path relative to the bucket folder `url`: size in bytes} of every object below it (one listing;
+    empty when there is none)."""
     fs, inner = _fs(url)
     prefix = inner.rstrip("/") + "/"
     try:
