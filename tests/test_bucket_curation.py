@@ -15,7 +15,7 @@ import pytest
 
 from lvm_jax.curation import embed
 from lvm_jax.curation.__main__ import main as curate_main
-from lvm_jax.curation.staging import Mirror, default_stage
+from lvm_jax.curation.staging import Mirror, default_stage, local_input
 from lvm_jax.data import files
 from lvm_jax.data.sources import build_source
 from lvm_jax.errors import UserError
@@ -60,7 +60,7 @@ def test_curate_run_into_a_bucket_equals_the_local_run_and_resumes_from_it(curat
     summary = json.loads(files.read_bytes(f"{out}/summary.json"))
     assert summary["inputs"]["curated"] == f"{out}/embeddings/curated"
     assert summary["inputs"]["references"] == [f"{out}/embeddings/reference_0"]
-    listed = files.sizes_under(out)
+    listed = files.objects_under(out)
     assert {"report.html", "retrieval.png", "embeddings/pool/index.json", "embeddings/pool/emb_00002.npy"} <= set(listed)
     assert not [k for k in listed if ".tmp" in k]
 
@@ -88,7 +88,7 @@ def test_curate_embed_writes_one_set_into_the_bucket(curated_run, gcs_in_process
                         "--no-progress"]) == 0
     local = run_dir / "run" / "embeddings" / "pool"
     names = sorted(p.name for p in local.iterdir())
-    assert sorted(files.sizes_under(out)) == names
+    assert sorted(files.objects_under(out)) == names
     for name in names:
         if name != "index.json":  # (it records the same plan; compared parsed below)
             assert files.read_bytes(f"{out}/{name}") == (local / name).read_bytes(), name
@@ -138,15 +138,35 @@ def test_mirror_uploads_only_what_changed_and_keeps_compile_caches_local(gcs_in_
     (tmp_path / "stage" / "a" / "shard.npy").write_bytes(b"1234")
     (tmp_path / "stage" / "a" / "emb_00003.tmp77.npy").write_bytes(b"half-written")
     assert m.push() == 1 and m.push() == 0  # unchanged: not sent again
-    assert files.sizes_under(out) == {"a/shard.npy": 4}
+    assert Mirror(out, str(tmp_path / "stage")).push() == 0  # nor by a later run on this VM (.lvm_mirror.json)
+    assert {k: size for k, (size, _) in files.objects_under(out).items()} == {"a/shard.npy": 4}
     (tmp_path / "stage" / "a" / "shard.npy").write_bytes(b"12345")
     assert m.push("a") == 1 and files.read_bytes(f"{out}/a/shard.npy") == b"12345"
     other = Mirror(out, str(tmp_path / "vm2"))
     assert other.pull(progress=False) == 1 and other.pull(progress=False) == 0
     assert (tmp_path / "vm2" / "a" / "shard.npy").read_bytes() == b"12345"
+    # Another writer replaced the object by one of the same size: its new version is fetched.
+    gcs_in_process.pipe(f"{BUCKET}/mirror/a/shard.npy", b"54321")
+    assert Mirror(out, str(tmp_path / "vm2")).pull(progress=False) == 1
+    assert (tmp_path / "vm2" / "a" / "shard.npy").read_bytes() == b"54321"
     assert default_stage(out).endswith("/lvm_jax/curate/gs/lvm-test-bucket/mirror")
     with pytest.raises(UserError, match="az:// is not supported here"):
         Mirror("az://b/curated")
+
+
+def test_a_bucket_input_file_is_downloaded_again_only_when_it_changed(gcs_in_process, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    url = f"gs://{BUCKET}/inputs/pool.npy"
+    gcs_in_process.pipe(url[5:], b"v1")
+    local = local_input(url, "--pool")
+    assert local.startswith(str(tmp_path / "cache")) and open(local, "rb").read() == b"v1"
+    calls = []
+    monkeypatch.setattr(files, "download", lambda *a, real=files.download: (calls.append(a), real(*a)))
+    assert local_input(url, "--pool") == local and not calls
+    gcs_in_process.pipe(url[5:], b"v2")  # same size, new contents
+    assert open(local_input(url, "--pool"), "rb").read() == b"v2" and len(calls) == 1
+    with pytest.raises(UserError, match="does not exist"):
+        local_input(f"gs://{BUCKET}/inputs/nothing", "--pool")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,8 +4,9 @@ Curation memory-maps embedding shards, keeps a dedup cache and renames files int
 of which a bucket can do -- so with ``--out gs://b/curated`` the work happens in a local mirror
 directory (``--stage DIR``; default ``~/.cache/lvm_jax/curate/<scheme>/<bucket>/<path>``):
 
-- at the start the mirror is filled from the bucket (objects it lacks, or holds at another
-  size), so a run preempted on one VM resumes on another from what it had uploaded;
+- at the start the mirror is filled from the bucket (objects it lacks, or holds in another
+  version: GCS generation / S3 ETag, recorded in the mirror's ``.lvm_mirror.json``), so a run
+  preempted on one VM resumes on another from what it had uploaded;
 - each embedding shard is uploaded as soon as it is written; everything else (index.json,
   manifest.jsonl, summary.json, the report, the dedup cache, a trained backbone's checkpoints)
   when the step that writes it ends;
@@ -17,6 +18,7 @@ others' shards. A local ``--out`` is its own mirror: nothing is copied.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -29,6 +31,8 @@ from lvm_jax.workdir import is_remote
 
 # Directories never uploaded: the XLA compile cache is machine-specific (see lvm_jax.compile_cache).
 LOCAL_ONLY_DIRS = ("compile_cache",)
+# The mirror's own record of what matches the bucket (in the mirror's root; never uploaded).
+STATE_FILE = ".lvm_mirror.json"
 
 
 def default_stage(url: str) -> str:
@@ -53,8 +57,10 @@ class Mirror:
             self.local = os.path.abspath(os.path.expanduser(stage or default_stage(self.out)))
         else:
             self.out = self.local = os.path.abspath(os.path.expanduser(out))
-        # rel -> (size, mtime_ns) of the local file when it last matched the bucket's object.
-        self._synced: dict[str, tuple[int, int]] = {}
+        # rel -> [size, mtime_ns of the local file, version of the bucket object] when the two last
+        # matched; kept in STATE_FILE so that a later run on this VM neither re-sends nor trusts a
+        # same-sized but rewritten object.
+        self._synced: dict[str, list] = self._load_state() if self.remote else {}
 
     def __repr__(self) -> str:
         return f"Mirror({self.out!r}, local={self.local!r})"
@@ -76,32 +82,58 @@ class Mirror:
             raise ValueError(f"{local_path} is not inside the mirror {self.local}")
         return "" if rel == "." else rel.replace(os.sep, "/")
 
-    def _stamp(self, rel: str) -> tuple[int, int]:
+    def _stamp(self, rel: str) -> list:
         st = os.stat(self.path(rel))
-        return st.st_size, st.st_mtime_ns
+        return [st.st_size, st.st_mtime_ns]
+
+    def _load_state(self) -> dict[str, list]:
+        try:
+            with open(os.path.join(self.local, STATE_FILE)) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _save_state(self) -> None:
+        os.makedirs(self.local, exist_ok=True)
+        path = os.path.join(self.local, STATE_FILE)
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            json.dump(self._synced, f)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+
+    def _matches(self, rel: str, version: str | None = None) -> bool:
+        """The local file is what was last synced (and, given `version`, the bucket still holds that)."""
+        known = self._synced.get(rel)
+        if not known or not os.path.isfile(self.path(rel)) or known[:2] != self._stamp(rel):
+            return False
+        return version is None or known[2] == version
 
     def pull(self, rel: str = "", progress: bool = True) -> int:
-        """Downloads the objects below ``location(rel)`` that the mirror lacks (or holds at another
-        size); returns how many. A no-op for a local ``out``."""
+        """Downloads the objects below ``location(rel)`` that the mirror does not hold as they are now
+        (missing, or another version of the object); returns how many. A no-op for a local ``out``."""
         if not self.remote:
             return 0
-        objects = {f"{rel}/{r}" if rel else r: size for r, size in files.sizes_under(self.location(rel)).items()}
-        todo = []
-        for r, size in sorted(objects.items()):
-            if _local_only(r):
-                continue
-            local = self.path(r)
-            if os.path.isfile(local) and os.path.getsize(local) == size:
-                self._synced[r] = self._stamp(r)
-            else:
-                todo.append((r, size))
-        with tqdm(total=sum(s for _, s in todo), unit="B", unit_scale=True, desc=f"fetching {self.out}",
+        listed = files.objects_under(self.location(rel))
+        todo = [(f"{rel}/{r}" if rel else r, size, version) for r, (size, version) in sorted(listed.items())]
+        todo = [t for t in todo if not _local_only(t[0]) and not self._matches(t[0], t[2])]
+        with tqdm(total=sum(size for _, size, _ in todo), unit="B", unit_scale=True, desc=f"fetching {self.out}",
                   disable=not progress or not todo) as bar:
-            for r, size in todo:
+            for r, size, version in todo:
                 files.download(self.location(r), self.path(r))
-                self._synced[r] = self._stamp(r)
+                self._synced[r] = [*self._stamp(r), version]
                 bar.update(size)
+        if todo:
+            self._save_state()
         return len(todo)
+
+    def fetch(self, rel: str) -> bool:
+        """Downloads the one object ``rel`` unless the mirror holds its current version; True if it did."""
+        version = files.version(self.location(rel))
+        if self._matches(rel, version):
+            return False
+        files.download(self.location(rel), self.path(rel))
+        self._synced[rel] = [*self._stamp(rel), version]
+        self._save_state()
+        return True
 
     def push(self, rel: str = "") -> int:
         """Uploads the files below the mirror's ``rel`` that changed since they last matched the
@@ -124,14 +156,14 @@ class Mirror:
         sent = 0
         for path in paths:
             r = self.rel(path)
-            if _local_only(r) or _temporary(r) or not os.path.isfile(path):
+            if _local_only(r) or _temporary(r) or r == STATE_FILE or not os.path.isfile(path) or self._matches(r):
                 continue
             stamp = self._stamp(r)
-            if self._synced.get(r) == stamp:
-                continue
             files.upload(path, self.location(r))
-            self._synced[r] = stamp
+            self._synced[r] = [*stamp, files.version(self.location(r))]
             sent += 1
+        if sent:
+            self._save_state()
         return sent
 
 
@@ -146,19 +178,21 @@ def open_mirror(out: str, stage: str | None = None, what: str = "--out", rel: st
 
 def local_input(location: str, what: str, progress: bool = True) -> str:
     """A local path for an input that may be in a bucket (an .npy file or an embedding directory):
-    bucket inputs are downloaded to their default stage (they are memory-mapped), once."""
+    bucket inputs are downloaded to their default stage (they are memory-mapped), again only when
+    the bucket's objects changed."""
     if not is_remote(location):
         return location
     files.check_url(location, what)
     if files.isfile(location):
-        local = default_stage(location)
-        if not (os.path.isfile(local) and os.path.getsize(local) == files.size(location)):
-            files.download(location, local)
-        return local
-    mirror = Mirror(location, None, what)
-    if not mirror.pull(progress=progress) and not os.path.isdir(mirror.local):
+        parent, _, name = location.rstrip("/").rpartition("/")
+        mirror = Mirror(parent, None, what)
+        mirror.fetch(name)
+        return mirror.path(name)
+    if not files.isdir(location):
         raise UserError(f"{what} {location} does not exist (or these credentials cannot list it); "
                         "check the URL.")
+    mirror = Mirror(location, None, what)
+    mirror.pull(progress=progress)
     return mirror.local
 
 

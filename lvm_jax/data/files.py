@@ -108,9 +108,19 @@ def fingerprint(path: str) -> str:
         return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
     fs, inner = _fs(path)
     info = fs.info(inner)
-    version = (info.get("generation") or info.get("etag") or info.get("ETag") or info.get("LastModified")
-               or info.get("mtime") or info.get("updated"))
-    return f"{path}|{info['size']}|{version}"
+    return f"{path}|{info['size']}|{_version(info)}"
+
+
+def _version(info: dict) -> str:
+    """An object's version from its listing/info entry: GCS generation, S3 ETag, else its time."""
+    return str(info.get("generation") or info.get("etag") or info.get("ETag") or info.get("LastModified")
+               or info.get("mtime") or info.get("updated") or "")
+
+
+def version(url: str) -> str:
+    """The object's current version (see `_version`): it changes whenever the object is rewritten."""
+    fs, inner = _fs(url)
+    return _version(fs.info(inner))
 
 
 def read_bytes(path: str) -> bytes:
@@ -194,19 +204,20 @@ def files_under(url: str) -> list[str]:
 
     One (paginated) recursive listing, not one request per folder (local trees use os.walk).
     """
-    return sorted(sizes_under(url))
+    return sorted(objects_under(url))
 
 
-def sizes_under(url: str) -> dict[str, int]:
-    """{path relative to the bucket folder `url`: size in bytes} of every object below it (one listing;
-    empty when there is none)."""
+def objects_under(url: str) -> dict[str, tuple[int, str]]:
+    """{path relative to the bucket folder `url`: (size in bytes, version)} of every object below it
+    (one listing; empty when there is none). The version changes when an object is rewritten."""
     fs, inner = _fs(url)
     prefix = inner.rstrip("/") + "/"
     try:
         found = fs.find(inner, detail=True)
     except FileNotFoundError:
         return {}
-    return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(prefix)}
+    return {p[len(prefix):]: (int(info.get("size") or 0), _version(info))
+            for p, info in found.items() if p.startswith(prefix)}
 
 
 def upload(local: str, url: str) -> None:
