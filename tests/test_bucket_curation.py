@@ -220,3 +220,38 @@ def test_two_processes_curate_into_a_bucket_like_one_local_run(curated_run, emul
     # Each host's mirror ends up with every shard: its own, and the other's fetched from the bucket.
     assert sorted(os.listdir(tmp_path / "host1" / "embeddings" / "pool")) == sorted(
         os.listdir(tmp_path / "host0" / "embeddings" / "pool"))
+
+
+@pytest.mark.slow  # ~30 s: a (2-step) lvm-train run inside
+def test_a_backbone_trained_for_a_bucket_run_is_uploaded_and_reused(curated_run, gcs_in_process, tmp_path,
+                                                                    monkeypatch):
+    """config.backbone.train_config: lvm-train trains it in the mirror, the checkpoint goes to the bucket,
+    and a re-run on a new VM restores it from there instead of training again; backbone.params may then
+    name that gs:// workdir."""
+    from tests.helpers import tiny_supervised_config
+
+    _, config = curated_run
+    model = {k: v for k, v in tiny_supervised_config().model.to_dict().items() if k != "num_classes"}
+    text = open(config).read().replace(
+        "c.backbone = mlc.ConfigDict(dict(params=\"\", train_config=\"\", seed=0))",
+        "c.backbone = mlc.ConfigDict(dict(params=\"\", train_config=\"tests/configs/tiny_vit.py\", "
+        "train_overrides=(\"total_steps=2\", \"ckpt_every=2\", \"optim.warmup_steps=1\"), seed=0))")
+    text = text.replace("c.model = mlc.ConfigDict(", f"c.model = mlc.ConfigDict({model!r})  # was: (")
+    trained = tmp_path / "trained.py"
+    trained.write_text(text)
+    out = f"gs://{BUCKET}/with-backbone"
+    args = ["embed", "--config", str(trained), "--set", "curated", "--no-progress", f"--config.out={out}"]
+    assert curate_main([*args, "--stage", str(tmp_path / "vm1")]) == 0
+    assert any(k.startswith("backbone/checkpoints/2/") for k in files.objects_under(out))
+    first = files.read_bytes(f"{out}/embeddings/curated/emb_00000.npy")
+
+    import train.loop
+    monkeypatch.setattr(train.loop, "train_and_evaluate", lambda *a, **k: pytest.fail("trained again"))
+    gcs_in_process.rm(f"{BUCKET}/with-backbone/embeddings", recursive=True)
+    assert curate_main([*args, "--stage", str(tmp_path / "vm2")]) == 0
+    assert files.read_bytes(f"{out}/embeddings/curated/emb_00000.npy") == first
+
+    # The same weights named directly as a gs:// workdir (copied locally through workdir.local_copy).
+    direct = [*args[:-1], f"--config.out={out}-direct", f"--config.backbone.params={out}/backbone"]
+    assert curate_main([*direct, "--stage", str(tmp_path / "vm3")]) == 0
+    assert files.read_bytes(f"{out}-direct/embeddings/curated/emb_00000.npy") == first
