@@ -178,8 +178,8 @@ def load_vectors(path: str, name: str | None = None) -> VectorSet:
                             "written by `lvm-curate embed`.")
         with open(meta_file) as f:
             meta = json.load(f)
-        shards, ids, paths, labels = [], [], [], []
-        have_paths = have_labels = True
+        shards, paths = [], []
+        have_paths = True
         for s in range(int(meta["num_shards"])):
             emb = os.path.join(path, shard_file("emb", s))
             if not os.path.isfile(emb):
@@ -188,11 +188,6 @@ def load_vectors(path: str, name: str | None = None) -> VectorSet:
                 raise UserError(f"embedding shard {emb!r} is missing ({done} of {meta['num_shards']} "
                                 "shards done); re-run `lvm-curate embed` with the same --out to finish it.")
             shards.append(np.load(emb, mmap_mode="r"))
-            ids.append(np.load(os.path.join(path, shard_file("ids", s))))
-            lab = os.path.join(path, shard_file("labels", s))
-            have_labels = have_labels and os.path.isfile(lab)
-            if have_labels:
-                labels.append(np.load(lab))
             pth = os.path.join(path, shard_file("paths", s, "json"))
             have_paths = have_paths and os.path.isfile(pth)
             if have_paths:
@@ -200,8 +195,8 @@ def load_vectors(path: str, name: str | None = None) -> VectorSet:
                     paths.extend(json.load(f))
         if not shards:
             raise UserError(f"{path!r} lists no shards; its source was empty.")
-        return VectorSet(name, shards, np.concatenate(ids), paths if have_paths else None,
-                         np.concatenate(labels) if have_labels else None)
+        ids, labels = read_ids_labels(path, meta)
+        return VectorSet(name, shards, ids, paths if have_paths else None, labels)
     if not os.path.isfile(path):
         raise UserError(f"embedding file {path!r} does not exist; pass an .npy file [N, D] or an "
                         "embedding directory.")
@@ -212,6 +207,27 @@ def load_vectors(path: str, name: str | None = None) -> VectorSet:
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
         raise UserError(f"{path!r} holds a {x.dtype} array of shape {x.shape}; expected float [N, D].")
     return VectorSet(name, [x])
+
+
+def read_ids_labels(emb_dir: str, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids ``[N]``, labels ``[N]`` or None) of an embedding directory (local or a bucket URL), without
+    its vectors: the manifest source needs no more, and a bucket's vectors are not memory-mappable."""
+    import io
+
+    from lvm_jax.data import files
+    ids, labels = [], []
+    for s in range(int(meta["num_shards"])):
+        try:
+            ids.append(np.load(io.BytesIO(files.read_bytes(files.join(emb_dir, shard_file("ids", s))))))
+        except OSError as e:
+            raise UserError(f"embedding directory {emb_dir} lacks shard {s} ({e}); finish it with "
+                            "`lvm-curate embed` (same --out).") from e
+        label_file = files.join(emb_dir, shard_file("labels", s))
+        if labels is not None and files.isfile(label_file):
+            labels.append(np.load(io.BytesIO(files.read_bytes(label_file))))
+        else:
+            labels = None
+    return np.concatenate(ids), (np.concatenate(labels) if labels else None)
 
 
 def check_dims(sets: Sequence[VectorSet]) -> int:

@@ -23,11 +23,12 @@ import os
 import re
 from collections.abc import Iterable
 
+from etils import epath
 from tqdm import tqdm
 
 from lvm_jax.data import files
 from lvm_jax.errors import UserError
-from lvm_jax.workdir import is_remote
+from lvm_jax.workdir import is_remote, write_whole
 
 # Directories never uploaded: the XLA compile cache is machine-specific (see lvm_jax.compile_cache).
 LOCAL_ONLY_DIRS = ("compile_cache",)
@@ -94,11 +95,11 @@ class Mirror:
             return {}
 
     def _save_state(self) -> None:
-        os.makedirs(self.local, exist_ok=True)
-        path = os.path.join(self.local, STATE_FILE)
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
-            json.dump(self._synced, f)
-        os.replace(f"{path}.tmp{os.getpid()}", path)
+        write_whole(epath.Path(self.local) / STATE_FILE, json.dumps(self._synced))
+
+    def _download(self, rel: str, version: str) -> None:
+        files.download(self.location(rel), self.path(rel))
+        self._synced[rel] = [*self._stamp(rel), version]
 
     def _matches(self, rel: str, version: str | None = None) -> bool:
         """The local file is what was last synced (and, given `version`, the bucket still holds that)."""
@@ -118,8 +119,7 @@ class Mirror:
         with tqdm(total=sum(size for _, size, _ in todo), unit="B", unit_scale=True, desc=f"fetching {self.out}",
                   disable=not progress or not todo) as bar:
             for r, size, version in todo:
-                files.download(self.location(r), self.path(r))
-                self._synced[r] = [*self._stamp(r), version]
+                self._download(r, version)
                 bar.update(size)
         if todo:
             self._save_state()
@@ -130,8 +130,7 @@ class Mirror:
         version = files.version(self.location(rel))
         if self._matches(rel, version):
             return False
-        files.download(self.location(rel), self.path(rel))
-        self._synced[rel] = [*self._stamp(rel), version]
+        self._download(rel, version)
         self._save_state()
         return True
 

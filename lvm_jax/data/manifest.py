@@ -18,7 +18,6 @@ Records: ``dict(image=uint8 [H, W, 3] or encoded bytes, label=int, id=int)``
 """
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -81,10 +80,11 @@ def open_image_source(spec: dict[str, Any]):
 def open_embedded_source(emb_dir: str) -> tuple[Any, np.ndarray] | None:
   """(image source, ids ``[N]`` of the embedded rows) of an embedding directory (local or a bucket
   URL), or None when it records no source (plain .npy vectors)."""
+  from lvm_jax.curation.index import read_ids_labels
   meta = _read_index(emb_dir)
   if not meta or not meta.get("source"):
     return None
-  return open_image_source(meta["source"]), embedded_ids_labels(emb_dir, meta)[0]
+  return open_image_source(meta["source"]), read_ids_labels(emb_dir, meta)[0]
 
 
 def _read_index(emb_dir: str) -> dict | None:
@@ -93,25 +93,6 @@ def _read_index(emb_dir: str) -> dict | None:
   if not files.isfile(meta_file):
     return None
   return json.loads(files.read_bytes(meta_file))
-
-
-def embedded_ids_labels(emb_dir: str, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
-  """(ids ``[N]``, labels ``[N]`` or None) of an embedding directory, without its vectors: the
-  manifest needs no more, and a bucket's vectors are not memory-mappable."""
-  from lvm_jax.curation.index import shard_file
-  ids, labels = [], []
-  for s in range(int(meta["num_shards"])):
-    try:
-      ids.append(np.load(io.BytesIO(files.read_bytes(files.join(emb_dir, shard_file("ids", s))))))
-    except OSError as e:
-      raise UserError(f"embedding directory {emb_dir} lacks shard {s} ({e}); finish it with "
-                      "`lvm-curate embed` (same --out).") from e
-    label_file = files.join(emb_dir, shard_file("labels", s))
-    if labels is not None and files.isfile(label_file):
-      labels.append(np.load(io.BytesIO(files.read_bytes(label_file))))
-    else:
-      labels = None
-  return np.concatenate(ids), (np.concatenate(labels) if labels else None)
 
 
 def _resolve_input(root: str, recorded: str) -> str:
@@ -130,6 +111,7 @@ class ManifestSource:
   """grain RandomAccessDataSource over a curation manifest (see module docstring)."""
 
   def __init__(self, root: str):
+    from lvm_jax.curation.index import read_ids_labels
     manifest = files.join(root, "manifest.jsonl")
     summary_file = files.join(root, "summary.json")
     if files.missing([manifest, summary_file]):
@@ -145,7 +127,7 @@ class ManifestSource:
         raise UserError(f"the {key} set of {root!r} ({path or 'unknown'}) records no image source "
                         "(plain .npy vectors?); curate embedding directories from `lvm-curate embed` "
                         "or `lvm-curate run` to train on the manifest.")
-      ids, set_labels = embedded_ids_labels(path, meta)
+      ids, set_labels = read_ids_labels(path, meta)
       self.sources[kind], metas[kind] = open_image_source(meta["source"]), meta
       if kind == "curated":
         labels = dict(zip(ids.tolist(), (set_labels if set_labels is not None
