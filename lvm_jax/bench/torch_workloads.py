@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from lvm_jax.bench.jax_workloads import (CLIP_CONTEXT, CLIP_TEXT, CLIP_VOCAB, DINO_DROP_PATH, DINO_GLOBAL,
-                                         DINO_LOCAL, DINO_LOCAL_SIZE, DINO_PROTOTYPES, NUM_CLASSES, Spec,
+                                         DINO_LOCAL, DINO_PROTOTYPES, NUM_CLASSES, Spec,
                                          clip_tokens, dinov2_batch)
 from lvm_jax.bench.measure import Workload
 from lvm_jax.models.vit import parse_variant

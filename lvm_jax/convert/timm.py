@@ -95,7 +95,7 @@ def convert(ck: Checkpoint) -> tuple[dict[str, Any], Any, Any]:
 
 def rules(kwargs: dict[str, Any], facts: dict[str, Any], src: str = "") -> list[Rule]:
     """Rules from a timm state dict (key prefix `src`, e.g. 'visual.trunk.') to our ViT tree."""
-    heads, width, depth = kwargs["num_heads"], kwargs["width"], kwargs["depth"]
+    heads, depth = kwargs["num_heads"], kwargs["depth"]
     out: list[Rule] = [("patch_embed/kernel", f"{src}patch_embed.proj.weight", conv)]
     if kwargs["patch_bias"]:
         out.append(("patch_embed/bias", f"{src}patch_embed.proj.bias", None))

@@ -22,7 +22,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm

@@ -183,15 +183,15 @@ def holdout_split(files_per_class: list[list[str]], fraction: float, seed: int =
     raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}.")
   rng = np.random.default_rng(seed)
   train, held = [], []
-  for label, files in enumerate(files_per_class):
-    order = rng.permutation(len(files))
-    n_eval = int(round(fraction * len(files)))
-    if len(files) >= 2:
-      n_eval = min(max(n_eval, 1), len(files) - 1)
+  for label, paths in enumerate(files_per_class):
+    order = rng.permutation(len(paths))
+    n_eval = int(round(fraction * len(paths)))
+    if len(paths) >= 2:
+      n_eval = min(max(n_eval, 1), len(paths) - 1)
     else:
       n_eval = 0
-    held += [(files[i], label) for i in sorted(order[:n_eval])]
-    train += [(files[i], label) for i in sorted(order[n_eval:])]
+    held += [(paths[i], label) for i in sorted(order[:n_eval])]
+    train += [(paths[i], label) for i in sorted(order[n_eval:])]
   return train, held
 
 
