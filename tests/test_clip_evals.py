@@ -18,10 +18,11 @@ def _brute_force_retrieval(images, texts, text_to_image, ks):
     scores = _unit(texts) @ _unit(images).T  # [N_txt, N_img]
     out = {}
     for k in ks:
-        t2i = [text_to_image[t] in np.argsort(-scores[t])[:k] for t in range(len(texts))]
+        # A stable sort ranks ties by index, as torch.topk does in open_clip / CLIP_benchmark.
+        t2i = [text_to_image[t] in np.argsort(-scores[t], kind="stable")[:k] for t in range(len(texts))]
         i2t = []
         for i in range(len(images)):
-            top = np.argsort(-scores[:, i])[:k]
+            top = np.argsort(-scores[:, i], kind="stable")[:k]
             i2t.append(any(text_to_image[t] == i for t in top))
         out[f"t2i_r{k}"], out[f"i2t_r{k}"] = np.mean(t2i), np.mean(i2t)
     return out
@@ -42,6 +43,34 @@ def test_retrieval_matches_brute_force(chunk_size):
     for key, value in want.items():
         assert got[key] == pytest.approx(value), key
     assert 0 < got["t2i_r1"] < got["t2i_r10"] < 1  # the case is not degenerate
+
+
+def test_retrieval_with_tied_scores_matches_top_k():
+    # Embeddings drawn from 4 one-hot vectors (scores exactly 0 or 1 in any summation order): most
+    # scores tie, which counting only strictly higher scores would turn into hits.
+    rng = np.random.default_rng(2)
+    codebook = np.eye(8)[:4]
+    images = codebook[rng.integers(0, 4, 30)]
+    text_to_image = np.repeat(np.arange(30), 2)
+    texts = codebook[rng.integers(0, 4, 60)]
+    got = retrieval.retrieval_metrics(images, texts, text_to_image, chunk_size=7)
+    want = _brute_force_retrieval(images, texts, text_to_image, (1, 5, 10))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+
+
+def test_collapsed_or_nan_embeddings_are_not_perfect():
+    n, dim = 50, 8
+    same = np.ones((n, dim))
+    got = retrieval.retrieval_metrics(same, same, np.arange(n))
+    assert got["t2i_r1"] == pytest.approx(1 / n) and got["i2t_r10"] == pytest.approx(10 / n)
+    labels = np.arange(n) % 10
+    z = zeroshot.zeroshot_metrics(same, labels, np.ones((10, dim)))
+    assert z["zeroshot_top1"] == pytest.approx(0.1) == z["zeroshot_mean_per_class_recall"]
+    assert z["zeroshot_top5"] == pytest.approx(0.5)
+    nan = np.full((n, dim), np.nan)
+    assert max(retrieval.retrieval_metrics(nan, nan, np.arange(n)).values()) == 0.0
+    assert max(zeroshot.zeroshot_metrics(nan, labels, np.ones((10, dim))).values()) == 0.0
 
 
 def test_retrieval_perfect_and_errors():
@@ -78,7 +107,7 @@ def test_zeroshot_matches_brute_force():
     images = weights[labels] + 0.9 * rng.normal(size=(n, dim))
     got = zeroshot.zeroshot_metrics(images, labels, weights)
     logits = _unit(images) @ weights.T
-    order = np.argsort(-logits, axis=1)
+    order = np.argsort(-logits, axis=1, kind="stable")
     top1 = np.mean(order[:, 0] == labels)
     top5 = np.mean([labels[i] in order[i, :5] for i in range(n)])
     recalls = [np.mean(order[labels == c, 0] == c) for c in range(num_classes) if np.any(labels == c)]

@@ -40,10 +40,22 @@ def group_captions_by_image(image_keys: Sequence[Hashable]) -> tuple[np.ndarray,
     return np.asarray(first_rows, np.int64), text_to_image
 
 
-def _best_positive_rank(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """For each row, how many candidates score strictly above its best positive `[Q]`."""
-    best = np.max(np.where(positive, scores, -np.inf), axis=1, keepdims=True)
-    return np.sum(scores > best, axis=1)
+def best_positive_rank(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """0-based position of each row's first positive in a top-k ranking of its candidates `[Q]`.
+
+    Args:
+      scores: `[Q, C]` similarities; positive: bool `[Q, C]`, >= 1 True per row.
+    Ties rank by candidate index, as `torch.topk`/`argmax` (open_clip, CLIP_benchmark) do: counting
+    only strictly higher scores would make every tie a hit, so a collapsed model whose embeddings
+    are all equal would score recall 1.0. A row with a non-finite score is a miss (rank C): NaN
+    embeddings must not count as perfect either.
+    """
+    candidates = np.arange(scores.shape[1])
+    masked = np.where(positive, scores, -np.inf)
+    best_index = np.argmax(masked, axis=1)[:, None]  # the lowest index among tied best positives
+    best = np.take_along_axis(masked, best_index, axis=1)
+    rank = np.sum(scores > best, axis=1) + np.sum((scores == best) & (candidates < best_index), axis=1)
+    return np.where(np.all(np.isfinite(scores), axis=1), rank, scores.shape[1])
 
 
 def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: Sequence[int],
@@ -77,12 +89,12 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to
     for start in range(0, len(texts), chunk_size):
         q = texts[start:start + chunk_size]
         positive = text_to_image[start:start + chunk_size, None] == np.arange(len(images))[None]
-        t2i_rank[start:start + chunk_size] = _best_positive_rank(q @ images.T, positive)
+        t2i_rank[start:start + chunk_size] = best_positive_rank(q @ images.T, positive)
     i2t_rank = np.empty(len(images), np.int64)
     for start in range(0, len(images), chunk_size):
         q = images[start:start + chunk_size]
         positive = np.arange(start, start + len(q))[:, None] == text_to_image[None]
-        i2t_rank[start:start + chunk_size] = _best_positive_rank(q @ texts.T, positive)
+        i2t_rank[start:start + chunk_size] = best_positive_rank(q @ texts.T, positive)
 
     out = {}
     for k in ks:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from lvm_jax.data import files
-from lvm_jax.evals.retrieval import embed_arrays, l2_normalize  # noqa: F401 (embed_arrays re-exported)
+from lvm_jax.evals.retrieval import best_positive_rank, embed_arrays, l2_normalize  # noqa: F401 (embed_arrays re-exported)
 
 Template = str | Callable[[str], str]
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
@@ -110,13 +110,11 @@ def zeroshot_metrics(image_embeds: np.ndarray, labels: Sequence[int], class_weig
     if labels.min() < 0 or labels.max() >= len(weights):
         raise ValueError(f"Labels must lie in [0, {len(weights)}) to match the {len(weights)} class names.")
     rank = np.empty(len(images), np.int64)
-    pred = np.empty(len(images), np.int64)
     for start in range(0, len(images), chunk_size):
         logits = images[start:start + chunk_size] @ weights.T
-        true = logits[np.arange(len(logits)), labels[start:start + chunk_size]]
-        rank[start:start + chunk_size] = np.sum(logits > true[:, None], axis=1)
-        pred[start:start + chunk_size] = np.argmax(logits, axis=1)
+        is_label = np.arange(len(weights)) == labels[start:start + chunk_size, None]
+        rank[start:start + chunk_size] = best_positive_rank(logits, is_label)
     present = np.unique(labels)
-    recalls = [np.mean(pred[labels == c] == c) for c in present]
+    recalls = [np.mean(rank[labels == c] < 1) for c in present]  # rank 0 == argmax is the label
     return {"zeroshot_top1": float(np.mean(rank < 1)), "zeroshot_top5": float(np.mean(rank < 5)),
             "zeroshot_mean_per_class_recall": float(np.mean(recalls))}
