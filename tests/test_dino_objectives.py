@@ -169,6 +169,16 @@ def test_sinkhorn_knopp_prototype_far_from_every_row_stays_finite():
     np.testing.assert_allclose(ours, np_sinkhorn(t.astype(np.float64), 0.02), **TOL)
 
 
+def test_sinkhorn_knopp_padding_row_above_every_valid_row_stays_finite():
+    # iBOT pads its masked-patch rows; a padding row whose logit beats every valid row's by more
+    # than ~88.7 * T overflows exp() in float32 (T = 0.02: a gap of 1.8 in cosine logits).
+    t = np.array([[0.1, 0.2], [0.0, 0.3], [-0.2, 0.1], [2.0, 0.0]], np.float32)
+    valid = np.array([True, True, True, False])
+    ours = np.asarray(dino.sinkhorn_knopp(jnp.asarray(t), 0.02, valid=jnp.asarray(valid)))
+    assert np.isfinite(ours).all() and np.all(ours[3] == 0)
+    np.testing.assert_allclose(ours[:3], np_sinkhorn(t[:3].astype(np.float64), 0.02), **TOL)
+
+
 def test_koleo(data):
     x = data["cls_features"]
     np.testing.assert_allclose(dino.koleo_loss(jnp.asarray(x[:, 0])), np_koleo(x[:, 0].astype(np.float64)), **TOL)

@@ -93,7 +93,9 @@ def sinkhorn_knopp(teacher_logits: jax.Array, teacher_temp, n_iterations: int = 
     # column at sharp temperatures (0.02: logits span 100) and 0/0 turns the targets NaN.
     t_max = jnp.max(jnp.where(w[:, None] > 0, t, -jnp.inf), axis=0, keepdims=True)
     t_max = jnp.where(jnp.isfinite(t_max), t_max, 0.0)  # no valid row at all: q is all zero anyway
-    q = jnp.exp(t - t_max) * w[:, None]
+    # Padding rows are zeroed with where, not by a product: their logits may exceed the valid
+    # rows' max by more than exp() can hold, and inf * 0 would turn every target NaN.
+    q = jnp.where(w[:, None] > 0, jnp.exp(jnp.where(w[:, None] > 0, t - t_max, 0.0)), 0.0) * w[:, None]
     num_rows = jnp.sum(w)
     q = q / jnp.sum(q)
     for _ in range(n_iterations):
