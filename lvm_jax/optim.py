@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from lvm_jax.errors import UserError
@@ -81,19 +82,23 @@ def layer_decay_scales(params: Any, depth: int, decay: float,
     layer 0 = embeddings/tokens, 1..depth = blocks, depth + 1 = final norm and heads.
     For scanned blocks (a leading `layers` axis) the multiplier is an array `[L, 1, ...]`.
     """
-    layer_id = layer_id or default_layer_id
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: layer_decay_multiplier(path_str(path), len(leaf.shape), depth, decay, layer_id), params)
 
-    def scale(path, leaf):
-        name = path_str(path)
-        if re.search(r"(^|/)blocks/", name):  # scan_layers: one stacked subtree, leading layers axis
-            ids = jnp.arange(1, depth + 1, dtype=jnp.float32)
-            s = decay ** (depth + 1 - ids)
-            return s.reshape((depth,) + (1,) * (jnp.ndim(leaf) - 1))
-        lid = layer_id(name)
-        lid = depth + 1 if lid is None else lid
-        return jnp.asarray(decay ** (depth + 1 - lid), jnp.float32)
 
-    return jax.tree_util.tree_map_with_path(scale, params)
+def layer_decay_multiplier(name: str, ndim: int, depth: int, decay: float,
+                           layer_id: Callable[[str], int | None] | None = None) -> np.ndarray:
+    """The lr multiplier of the parameter `name` (rank `ndim`): a float32 scalar, or `[L, 1, ...]`
+    for scanned blocks (one stacked subtree with a leading layers axis).
+
+    NumPy, not jnp: the optimizer is first built under `jax.eval_shape`, where jnp values would be
+    tracers that the cached update then captures (the jitted step failed on its second call).
+    """
+    if re.search(r"(^|/)blocks/", name):
+        ids = np.arange(1, depth + 1, dtype=np.float32)
+        return (decay ** (depth + 1 - ids)).astype(np.float32).reshape((depth,) + (1,) * (ndim - 1))
+    lid = (layer_id or default_layer_id)(name)
+    return np.float32(decay ** (depth + 1 - (depth + 1 if lid is None else lid)))
 
 
 def default_layer_id(name: str) -> int | None:

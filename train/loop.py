@@ -291,7 +291,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     config = with_default_index_dir(config, workdir)
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     task = get_task(config, mesh)
-    task.total_steps = int(config.get("total_steps") or 1)
+    # The schedules (and their warmup check) need the training run's length, as in train_and_evaluate;
+    # a run counted in epochs needs the train set's size for it.
+    num_train = len(task.train_source()) if config.get("total_epochs") and not config.get("total_steps") else 0
+    task.total_steps = resolve_total_steps(config, num_train)
     task.workdir = workdir
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
     step = checkpointer.latest_step() if step is None else step

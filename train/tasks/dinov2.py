@@ -78,7 +78,7 @@ from lvm_jax.evals.linear_probe import linear_probe
 from lvm_jax.models import ViT
 from lvm_jax.models.heads import DINOiBOTHeads
 from lvm_jax.objectives import dino
-from lvm_jax.optim import default_layer_id, path_str
+from lvm_jax.optim import layer_decay_multiplier, path_str
 from train.state import TrainState
 from train.tasks.base import Task
 from train.tasks.common import DTYPES, build_vit
@@ -596,12 +596,7 @@ def lr_multiplier(path: str, shape: tuple[int, ...], depth: int, layer_decay: fl
     if not path.startswith("backbone/"):
         return np.float32(1.0)
     name = path[len("backbone/"):]
-    if name.startswith("encoder/blocks/"):  # scanned: one multiplier per layer along the leading axis
-        ids = np.arange(1, depth + 1, dtype=np.float32)
-        value = (layer_decay ** (depth + 1 - ids)).reshape((depth,) + (1,) * (len(shape) - 1))
-    else:
-        layer = default_layer_id(name)
-        value = np.float32(layer_decay ** (depth + 1 - (depth + 1 if layer is None else layer)))
+    value = layer_decay_multiplier(name, len(shape), depth, layer_decay)
     if name.startswith("patch_embed"):
         value = value * patch_embed_mult
     return np.asarray(value, np.float32)
