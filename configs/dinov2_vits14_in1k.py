@@ -48,6 +48,7 @@ def get_config(arg=None):
         num_prototypes=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3,
         separate_ibot_head=False, ibot_num_prototypes=65536, ibot_hidden_dim=2048, ibot_bottleneck_dim=256,
         ibot_num_layers=3,
+        learn_prototype_gain=True,  # DINOv2 trains the weight norm's gain (weight_g)
     ))
     c.dino = ml_collections.ConfigDict(dict(
         loss_weight=1.0, student_temp=0.1, centering="centering", center_momentum=0.9, sinkhorn_iterations=3,

@@ -294,13 +294,21 @@ def test_dino_head_matches_numpy_and_has_unit_prototypes():
     h = h / np.linalg.norm(h, axis=-1, keepdims=True)
     w = p["prototypes"] / np.linalg.norm(p["prototypes"], axis=0, keepdims=True)  # weight norm, g = 1
     np.testing.assert_allclose(head.apply(variables, x), h @ w, rtol=1e-5, atol=1e-5)
-    # logits are cosine similarities; scaling the direction parameters changes nothing
+    # Scaling the direction parameters changes nothing; the gain (DINOv2's weight_g, init 1) scales
+    # each prototype's logits, and fixing it (DINO v1's norm_last_layer) leaves cosine similarities.
     scaled = jax.tree.map(lambda a: a, nn.meta.unbox(variables))
     scaled["params"]["prototypes"] = scaled["params"]["prototypes"] * 7.0
-    np.testing.assert_allclose(head.apply(scaled, x), h @ w, rtol=1e-5, atol=1e-5)
+    gain = np.linspace(0.5, 2.0, K, dtype=np.float32)
+    scaled["params"]["prototype_gain"] = jnp.asarray(gain)
+    np.testing.assert_allclose(head.apply(scaled, x), (h @ w) * gain, rtol=1e-5, atol=1e-5)
+    fixed = DINOHead(num_prototypes=K, hidden_dim=32, bottleneck_dim=8, learn_prototype_gain=False)
+    fixed_params = {k: v for k, v in nn.meta.unbox(variables)["params"].items() if k != "prototype_gain"}
+    assert set(nn.meta.unbox(fixed.init(jax.random.key(1), x))["params"]) == set(fixed_params)
+    np.testing.assert_allclose(fixed.apply({"params": fixed_params}, x), h @ w, rtol=1e-5, atol=1e-5)
     specs = nn.get_partition_spec(variables)["params"]
     assert specs["fc_0"]["kernel"] == P("embed", "mlp")
     assert specs["prototypes"] == P("proj", "prototypes")
+    assert specs["prototype_gain"] == P("prototypes")
 
 
 def test_ibot_head_shared_or_separate():

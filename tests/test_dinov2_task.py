@@ -217,7 +217,8 @@ def test_optimizer_param_groups_match_numpy_adamw():
     from lvm_jax.optim import path_str
 
     config = tiny_dinov2_config(**{"optim.lr": 1e-2, "optim.layer_decay": 0.9, "optim.patch_embed_lr_mult": 0.2,
-                                   "optim.clip_norm": 0.5, "model.num_registers": 1})
+                                   "optim.clip_norm": 0.5, "model.num_registers": 1,
+                                   "head.learn_prototype_gain": True})
     task = get_task(config, _mesh((1, 1, 1)))
     task.total_steps = 6
     params = jax.device_get(nn.meta.unbox(task.init_params(jax.random.PRNGKey(0))))
@@ -243,7 +244,9 @@ def test_optimizer_param_groups_match_numpy_adamw():
     decays = {k: not (k.endswith("/bias") or "norm" in k.split("/")[-2] or k.split("/")[-2].startswith("ls"))
               for k in flat}
     assert not decays["backbone/encoder/blocks_0/ls1/scale"] and decays["backbone/pos_embed"]
-    last = {k: k.endswith("prototypes") for k in flat}
+    # DINOv2's last_layer: the weight-normalised prototypes' direction and gain (weight_v, weight_g).
+    last = {k: k.endswith(("/prototypes", "/prototype_gain")) for k in flat}
+    assert sum(k.endswith("/prototype_gain") for k in flat) == 2  # the DINO and the iBOT head
     group = {k: "backbone" if k.startswith("backbone") else k.split("/")[1] for k in flat}
     s = task.schedules
     expected = _numpy_adamw(flat, grads_seq, lambda t: float(s["lr"](t)), lambda t: float(s["last_layer_lr"](t)),

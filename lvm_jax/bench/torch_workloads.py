@@ -220,17 +220,18 @@ def build_dinov2(spec: Spec, flops: float, compile_: bool) -> Workload:
       return x[:, 0], x[:, self.vit.num_prefix_tokens:]
 
   class Head(nn.Module):
-    """DINO head: MLP 2048 -> 2048 -> 256, L2-normalise, weight-normalised prototypes (gain 1)."""
+    """DINO head: MLP 2048 -> 2048 -> 256, L2-normalise, weight-normalised prototypes with a trainable gain."""
 
     def __init__(self):
       super().__init__()
       self.mlp = nn.Sequential(nn.Linear(width, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(),
                                nn.Linear(2048, 256))
       self.prototypes = nn.Parameter(torch.randn(DINO_PROTOTYPES, 256) * 0.02)
+      self.gain = nn.Parameter(torch.ones(DINO_PROTOTYPES))
 
     def forward(self, x):
       x = fn.normalize(self.mlp(x).float(), dim=-1)
-      return x @ fn.normalize(self.prototypes, dim=1).T
+      return (x @ fn.normalize(self.prototypes, dim=1).T) * self.gain
 
   student = nn.ModuleDict({"backbone": Backbone(vit), "head": Head()}).to(device)
   teacher = copy.deepcopy(student)

@@ -1,9 +1,11 @@
 """DINO / iBOT projection heads (DINOv2 `dinov2/layers/dino_head.py`).
 
 MLP (hidden 2048, GELU) -> bottleneck 256 -> L2-normalise -> weight-normalised
-linear onto K prototypes (65536 in the recipe). The prototype layer's weight
-norm has its gain fixed to 1, so each prototype is a unit vector and the
-logits are cosine similarities in [-1, 1].
+linear onto K prototypes (65536 in the recipe). DINOv2 keeps the weight norm's
+gain g (one per prototype, initialised to 1) trainable: it is frozen with the
+prototypes for the first epoch, decayed and EMA'd like any weight (DINO v1's
+`norm_last_layer=True` fixed it to 1). With `learn_prototype_gain=False` the
+gain stays 1 and the logits are cosine similarities in [-1, 1].
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class DINOHead(nn.Module):
       hidden_dim: MLP width (2048).
       bottleneck_dim: width before the prototypes (256).
       num_layers: MLP layers including the bottleneck projection (3).
+      learn_prototype_gain: a trainable per-prototype gain `[K]` (DINOv2) or a fixed 1 (DINO v1).
       dtype: compute dtype of the MLP; normalisation and prototypes run in float32.
     """
 
@@ -39,6 +42,7 @@ class DINOHead(nn.Module):
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     num_layers: int = 3
+    learn_prototype_gain: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -74,9 +78,14 @@ class DINOHead(nn.Module):
             (self.bottleneck_dim, self.num_prototypes),
             jnp.float32,
         )
-        # Weight norm with gain 1: every prototype (column) has unit norm.
+        # Weight norm: every prototype (column) is a unit direction times its gain.
         prototypes = direction * jax.lax.rsqrt(jnp.sum(direction**2, axis=0, keepdims=True))
-        return x @ prototypes
+        logits = x @ prototypes
+        if not self.learn_prototype_gain:
+            return logits
+        gain = self.param("prototype_gain", nn.with_logical_partitioning(nn.initializers.ones_init(), ("prototypes",)),
+                          (self.num_prototypes,), jnp.float32)
+        return logits * gain
 
     def _dense(self, x: jax.Array, features: int, names: tuple[str, str], name: str) -> jax.Array:
         return nn.Dense(
@@ -105,6 +114,7 @@ class DINOiBOTHeads(nn.Module):
     ibot_hidden_dim: int = 2048
     ibot_bottleneck_dim: int = 256
     ibot_num_layers: int = 3
+    learn_prototype_gain: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -114,12 +124,12 @@ class DINOiBOTHeads(nn.Module):
         Returns: `(cls_logits [..., K], patch_logits [..., K_ibot] or None)`.
         """
         dino_head = DINOHead(self.num_prototypes, self.hidden_dim, self.bottleneck_dim, self.num_layers,
-                             self.dtype, name="dino_head")
+                             self.learn_prototype_gain, self.dtype, name="dino_head")
         cls_logits = dino_head(cls_tokens)
         if patch_tokens is None:
             return cls_logits, None
         if not self.separate_ibot_head:
             return cls_logits, dino_head(patch_tokens)
         ibot_head = DINOHead(self.ibot_num_prototypes, self.ibot_hidden_dim, self.ibot_bottleneck_dim,
-                             self.ibot_num_layers, self.dtype, name="ibot_head")
+                             self.ibot_num_layers, self.learn_prototype_gain, self.dtype, name="ibot_head")
         return cls_logits, ibot_head(patch_tokens)

@@ -18,7 +18,7 @@ def tiny_dinov2_config(**overrides):
                    layerscale_init=1e-5)
     c.teacher.update(momentum=0.992, warmup_temp=0.04, temp=0.07)
     c.head.update(num_prototypes=64, hidden_dim=64, bottleneck_dim=32, ibot_num_prototypes=64,
-                  ibot_hidden_dim=64, ibot_bottleneck_dim=32)
+                  ibot_hidden_dim=64, ibot_bottleneck_dim=32, learn_prototype_gain=True)  # the recipe's head
     c.data.image_size = 16
     c.data.crops.update(global_size=16, local_size=8, num_local_crops=2)
     c.data.synthetic.update(image_size=16, num_train=96, num_eval=32)

@@ -581,8 +581,9 @@ def submodule(path: str) -> str:
 
 
 def is_last_layer(path: str) -> bool:
-    """The weight-normalised prototype layer(s) (DINOv2's `last_layer`): frozen for the first steps."""
-    return path.endswith("prototypes")
+    """The weight-normalised prototype layer(s) (DINOv2's `last_layer`: direction and gain): frozen
+    for the first steps."""
+    return path.endswith(("prototypes", "prototype_gain"))
 
 
 def has_weight_decay(path: str) -> bool:
