@@ -5,10 +5,12 @@ The planted data: unit vectors around 80 random "concepts" in 256-d (40 in-domai
 duplicate threshold; planted exact and near copies (cosine ~0.9) are the only
 duplicates.  Curated queries come from in-domain concepts only.
 """
+import concurrent.futures as cf
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import faiss
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 from lvm_jax.curation import cluster, dedup, pipeline, retrieve
 from lvm_jax.curation.__main__ import main as curate_main
 from lvm_jax.curation.index import (Comm, IndexConfig, PoolIndex, VectorSet, cap_per_query, exact_knn,
-                                    load_vectors, merge_topk)
+                                    load_vectors, merge_topk, numpy_blas_threads)
 from lvm_jax.errors import UserError
 
 DIM = 256
@@ -75,6 +77,51 @@ def _save(tmp_path, **arrays):
         paths[name] = str(tmp_path / f"{name}.npy")
         np.save(paths[name], x)
     return paths
+
+
+class ThreadComm(Comm):
+    """Rank `rank` of a group of threads standing in for jax.distributed processes.
+
+    Collectives meet at a barrier.  Ranks that call different collectives (or ship
+    arrays of another dtype or ndim) raise at once rather than hang or mix data.
+    """
+
+    def __init__(self, rank, group):
+        super().__init__(rank, group["size"])
+        self.group = group
+
+    def _exchange(self, op, x):
+        x, g = np.asarray(x), self.group
+        g["slots"][self.rank] = ((op, x.dtype.str, x.ndim), x)
+        g["barrier"].wait()
+        got = list(g["slots"])
+        g["barrier"].wait()
+        calls = {call for call, _ in got}
+        if len(calls) > 1:
+            raise RuntimeError(f"processes out of step: {sorted(calls)}")
+        return [v for _, v in got]
+
+    def allgather(self, x):
+        return np.concatenate(self._exchange("allgather", x))
+
+    def broadcast(self, x):
+        return self._exchange("broadcast", x)[0].copy()
+
+
+def _run_ranks(size, fn):
+    """[fn(comm) for each of `size` ThreadComm ranks run at once]; re-raises a rank's error."""
+    group = dict(size=size, barrier=threading.Barrier(size, timeout=60), slots=[None] * size)
+
+    def run(rank):
+        try:
+            return fn(ThreadComm(rank, group))
+        except BaseException:
+            group["barrier"].abort()  # wake the other ranks instead of leaving them waiting
+            raise
+
+    # One BLAS thread throughout: the ranks' IVF scans set and restore it concurrently.
+    with numpy_blas_threads(1), cf.ThreadPoolExecutor(size) as ex:
+        return [f.result() for f in [ex.submit(run, rank) for rank in range(size)]]
 
 
 def _dedup_scores(result, group):
@@ -251,6 +298,44 @@ def test_components_and_topk_helpers():
         assert np.allclose(ms[r][:len(want)], want)
 
 
+def _widely_copied_reference(dim=128):
+    """A reference vector r; 70 exact copies of a pool image at cosine 0.8 to r (one
+    component); 10 distinct images at cosine 0.70, 0.68, ..., 0.52 to r (pairwise <= 0.49,
+    0.8 * 0.7 = 0.56 to the copies: components of their own); 40 unrelated images."""
+    rng = np.random.default_rng(14)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    r = basis[0]
+    copies = np.repeat((0.8 * r + 0.6 * basis[1])[None], 70, 0)
+    cos = 0.70 - 0.02 * np.arange(10)
+    distinct = cos[:, None] * r + np.sqrt(1 - cos[:, None] ** 2) * basis[2:12]
+    unrelated = _unit(rng.standard_normal((40, dim)))
+    return np.concatenate([copies, distinct, unrelated]).astype(np.float32), r[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("index", [dict(kind="flat"), dict(kind="ivf", nlist=4, dedup_nprobe=4, reference_nprobe=4)])
+def test_reference_dedup_counts_components_not_copies(index):
+    # The k budget of a reference vector counts pictures (components), not rows: the 70
+    # copies of one picture used to fill k = 64 slots and keep every other image above 0.45.
+    x, ref = _widely_copied_reference()
+    pool, refs = VectorSet("pool", [x]), [VectorSet("eval", [ref]), VectorSet("far", [-ref])]
+    cfg = IndexConfig(**index)
+
+    def run(k, comm=None):
+        idx = PoolIndex(pool, cfg, comm, progress=False)
+        return dedup.reference_deduplicate(idx, dedup.self_deduplicate(idx, 0.6, 64), refs, 0.45, k)
+
+    for k, removed in ((64, 10), (5, 4)):  # k = 5: the copies' component + the 4 closest images
+        res = run(k)
+        assert (res.reason[:70] == dedup.REFERENCE).all() and res.keep[80:].all()
+        assert (res.reason[70:80] == dedup.REFERENCE).tolist() == [i < removed for i in range(10)], k
+        assert (res.matched_set[res.reason == dedup.REFERENCE] == 0).all()  # "far" matches nothing
+        # Two processes (the pool split between them) agree with one.
+        for got in _run_ranks(2, lambda comm: run(k, comm)):
+            for f in ("component", "kept_as", "reason", "matched", "matched_set"):
+                assert np.array_equal(getattr(got, f), getattr(res, f)), (k, f)
+            assert np.allclose(got.matched_sim, res.matched_sim, atol=1e-6, equal_nan=True)
+
+
 def test_split_target_and_balanced_sample():
     rng = np.random.default_rng(5)
     for _ in range(50):
@@ -310,6 +395,20 @@ def test_hierarchical_balanced_sampling_evens_out_concepts(tmp_path):
     assert share.min() >= 1, share
 
 
+def test_hierarchical_resample_is_bounded_like_the_training_sample():
+    # levels (10, 2) on 4000 rows: the default r (200 per cluster) would gather half the pool.
+    x = _clustered(np.random.default_rng(13), 4000, d=16)
+    vs = VectorSet("pool", [x])
+    sizes, gather = [], vs.gather
+    vs.gather = lambda rows: (sizes.append(len(rows)), gather(rows))[1]
+    tree = cluster.hierarchical_kmeans(vs, np.arange(len(x)), levels=(10, 2), train_points_per_cluster=32,
+                                       seed=0)
+    assert len(sizes) == 3 and max(sizes) <= 10 * 32, sizes  # training sample + 2 resamples
+    assert len(tree.leaf) == len(x) and len(np.unique(tree.leaf)) == 10 and tree.parents[0].shape == (10,)
+    with pytest.raises(UserError, match="one r per level"):
+        cluster.hierarchical_kmeans(vs, np.arange(len(x)), levels=(10, 2), resample_size=(5,))
+
+
 def _run_cli(argv):
     return curate_main(argv)
 
@@ -337,6 +436,55 @@ def test_cli_embeddings_end_to_end_and_resume(tmp_path, planted, capsys):
     import ml_collections
     with pytest.raises(UserError, match="records no image source"):
         build_manifest_source(ml_collections.ConfigDict(dict(path=out)), "train")
+
+
+def test_dedup_cache_key_sees_new_vectors(tmp_path):
+    # Re-embedding keeps a set's ids and shape; the cache must not hand back the old removals.
+    rng = np.random.default_rng(11)
+    pool = _unit(rng.standard_normal((300, 64)))
+    pool[200:210] = pool[:10]
+    paths = _save(tmp_path, curated=pool[250:260], pool=pool)
+    argv = ["embeddings", "--curated", paths["curated"], "--pool", paths["pool"], "--out", str(tmp_path / "out"),
+            "--no-progress", "--no-report"]
+    summaries = []
+    for vectors in (pool, _unit(rng.standard_normal((300, 64)))):  # the second: no duplicates at all
+        np.save(paths["pool"], vectors)
+        assert _run_cli(argv) == 0
+        summaries.append(json.load(open(tmp_path / "out" / "summary.json")))
+    assert summaries[0]["counts"]["removed_self"] == 10
+    assert summaries[1]["counts"]["removed_self"] == 0 and "dedup_cached" not in summaries[1]["timings_s"]
+    # The digest reads a bounded sample of rows.
+    big = VectorSet("big", [_unit(rng.standard_normal((5000, 8)))])
+    sizes, gather = [], big.gather
+    big.gather = lambda rows: (sizes.append(len(rows)), gather(rows))[1]
+    pipeline._set_signature(big)
+    assert sizes == [1000]
+
+
+def test_dedup_cache_hit_is_decided_by_all_processes(tmp_path):
+    # Only process 0 writes the cache; a resumed run whose other processes lack it must
+    # still run deduplication (and its collectives) on every process.
+    rng = np.random.default_rng(12)
+    x = _unit(rng.standard_normal((400, 64)))
+    x[300:320] = x[:20]
+    paths = _save(tmp_path, curated=x[350:370], pool=x)
+    cached, fresh = str(tmp_path / "cached"), str(tmp_path / "fresh")
+    config = dict(report=dict(enabled=False))
+
+    def curate(out_dirs, comm=None):
+        return pipeline.curate(load_vectors(paths["curated"]), load_vectors(paths["pool"]),
+                               out_dirs[comm.rank if comm else 0], config=config, comm=comm, progress=False)
+
+    want = curate([str(tmp_path / "one")])
+    assert want["counts"]["removed_self"] == 20
+    # The key counts processes, so two processes write their own cache (process 0, in `cached`).
+    got = _run_ranks(2, lambda comm: curate([cached, cached], comm))[0]
+    assert "dedup_cached" not in got["timings_s"] and got["counts"] == want["counts"]
+    # Resumed with the cache on process 0 only: every process deduplicates again.
+    got = _run_ranks(2, lambda comm: curate([cached, fresh], comm))[0]
+    assert "dedup_cached" not in got["timings_s"] and got["counts"] == want["counts"]
+    got = _run_ranks(2, lambda comm: curate([cached, cached], comm))[0]  # every process has it
+    assert got["timings_s"]["dedup_cached"] is True and got["counts"] == want["counts"]
 
 
 def test_center_removes_a_shared_direction(tmp_path):

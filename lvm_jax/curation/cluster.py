@@ -92,8 +92,11 @@ def hierarchical_kmeans(pool: VectorSet, rows: np.ndarray, levels: Sequence[int]
     resample_size: r per level (points kept per cluster in a resampling step);
       default: half the mean cluster size of the level (at least 2), as in Vo et al.'s
       examples.  Resampling helps most when a level has several clusters per concept.
-    Level 1 is trained on a sample of the rows and assigned by streaming, so the
-    rows need not fit in memory; upper levels cluster centroids in memory.
+      Level 1's r is at most `train_points_per_cluster`.
+    Level 1 is trained on a sample of the rows (at most ``levels[0] *
+    train_points_per_cluster`` of them, as is each level-1 resample) and assigned
+    by streaming, so the rows need not fit in memory; upper levels cluster
+    centroids in memory.
     """
     levels = [int(k) for k in levels]
     if not levels or any(k < 1 for k in levels):
@@ -102,6 +105,11 @@ def hierarchical_kmeans(pool: VectorSet, rows: np.ndarray, levels: Sequence[int]
         raise UserError(f"hierarchical levels {list(levels)} must shrink upwards (finest level first).")
     inputs = [len(rows)] + levels[:-1]
     resample_size = list(resample_size or [max(2, n // k // 2) for n, k in zip(inputs, levels)])
+    if len(resample_size) != len(levels):
+        raise UserError(f"resample_size {list(resample_size)} needs one r per level of {levels}.")
+    # The level-1 resample is gathered into memory: bound it like the training sample
+    # (the default r, half a mean cluster, would gather about half of all rows).
+    resample_size[0] = min(resample_size[0], train_points_per_cluster)
     rng = np.random.default_rng(seed)
 
     class _Level1:  # labels_fn over all rows, streamed; gather() for resampled rows

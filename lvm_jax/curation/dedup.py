@@ -6,8 +6,9 @@ component only one image is kept (the one with the smallest row, so the choice
 is deterministic).
 
 Relative deduplication: each reference image (evaluation sets, typically) queries
-the pool; any pool image with cosine > 0.45 to it takes its *whole* component
-out, because a component is one picture in several copies.
+the pool for its k = 64 nearest components; any component with a member at
+cosine > 0.45 to it goes out *whole*, because a component is one picture in
+several copies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from lvm_jax.curation.index import PoolIndex, VectorSet
+from lvm_jax.curation.index import PoolIndex, VectorSet, cap_per_query
 
 KEPT, SELF, REFERENCE = 0, 1, 2
 REASONS = {SELF: "self", REFERENCE: "reference"}
@@ -105,11 +106,15 @@ def no_dedup(n: int) -> DedupResult:
 
 def reference_deduplicate(index: PoolIndex, result: DedupResult, references: Sequence[VectorSet],
                           threshold: float = 0.45, k: int = 64) -> DedupResult:
-    """Removes every pool component with a member at cosine > threshold to any reference vector.
+    """Removes every pool component among the k most similar components of a reference vector
+    at cosine > threshold.
 
-    Updates and returns `result`; whole components go, including the image
-    self-deduplication kept, and their reason becomes REFERENCE.  IVF probes
-    ``cfg.reference_nprobe`` lists per reference vector.
+    Each reference vector ``[D]`` gets k *distinct components* (pictures), as the
+    paper's k-NN over the self-deduplicated source gets k distinct images.  A
+    component is matched by its most similar member: any copy, including one
+    self-deduplication removed.  Updates and returns `result` (all ``[N]``); whole
+    components go, including the image self-deduplication kept, and their reason
+    becomes REFERENCE.  IVF probes ``cfg.reference_nprobe`` lists per reference vector.
     """
     n = len(index.pool)
     best_sim = np.full(result.component.max() + 1 if n else 0, -np.inf, np.float32)
@@ -118,11 +123,23 @@ def reference_deduplicate(index: PoolIndex, result: DedupResult, references: Seq
     for set_index, ref in enumerate(references):
         result.reference_names.append(ref.name)
         for start, x in ref.chunks(chunk=index.cfg.chunk):
-            qi, rows, s = index.pairs_above(threshold, k, queries=x, nprobe=index.cfg.reference_nprobe,
+            # Every edge above the threshold (no cap per row): k rows would let the copies of
+            # one widely copied picture fill all k slots and hide other pool images above the
+            # threshold.  Searching only the kept rows would also fix that, but would miss a
+            # removed copy that is closer to the reference than its kept representative.
+            # Every process gets the same edges, so the caps below agree across processes.
+            qi, rows, s = index.pairs_above(threshold, None, queries=x, nprobe=index.cfg.reference_nprobe,
                                             desc=f"reference {ref.name}")
+            if not len(qi):
+                continue
             comp = result.component[rows]
-            # Best reference vector per touched component (ties: first seen).
-            order = np.lexsort((-s, comp))
+            # Best edge per (reference vector, component), then each vector's k most similar components.
+            order = np.lexsort((-s, comp, qi))
+            qi, comp, s = qi[order], comp[order], s[order]
+            first = np.r_[True, (qi[1:] != qi[:-1]) | (comp[1:] != comp[:-1])]
+            qi, comp, s = cap_per_query(qi[first], comp[first], s[first], k)
+            # Best reference vector per touched component (ties: the smaller reference row).
+            order = np.lexsort((qi, -s, comp))
             comp, s, qi = comp[order], s[order], qi[order]
             first = np.r_[True, comp[1:] != comp[:-1]]
             comp, s, qi = comp[first], s[first], qi[first]

@@ -605,10 +605,10 @@ class PoolIndex:
                 bar.update(done)
 
     # -- all pairs above a threshold (deduplication) ---------------------------
-    def pairs_above(self, threshold: float, k: int, queries: np.ndarray | None = None,
+    def pairs_above(self, threshold: float, k: int | None, queries: np.ndarray | None = None,
                     nprobe: int | None = None, desc: str = "dedup"
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Edges (query, pool row, cosine) with cosine > threshold, at most k per query.
+        """Edges (query, pool row, cosine) with cosine > threshold, at most k per query (None: all).
 
         queries None: a self-join -- every pool row queries the index (itself
           excluded; query ids are pool rows), probing ``dedup_nprobe`` IVF lists;
@@ -618,7 +618,8 @@ class PoolIndex:
         The k most similar edges of each query are kept: the k-NN graph restricted
         to pairs above the threshold, as in DINOv2.  IVF returns what faiss's IVF
         range search returns for the same probes.  Merged over processes; every
-        process gets all edges.
+        process gets all edges: (query int64 ``[E]``, pool row int64 ``[E]``, cosine
+        float32 ``[E]``), sorted by query when capped, in no fixed order when k is None.
         """
         self_join = queries is None
         found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -645,7 +646,7 @@ class PoolIndex:
         q, n, s = (_cat([f[i] for f in found], dtype) for i, dtype in enumerate((np.int64, np.int64, np.float32)))
         if self.comm.size > 1:
             q, n, s = self.comm.allgather(q), self.comm.allgather(n), self.comm.allgather(s)
-        return cap_per_query(q, n, s, k)
+        return (q, n, s) if k is None else cap_per_query(q, n, s, k)
 
     def self_join(self, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`pairs_above` with the pool itself as the queries."""

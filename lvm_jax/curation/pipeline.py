@@ -13,7 +13,8 @@
 - ``report.html`` (+ PNGs): retrieval and duplicate examples.
 
 Self-/relative-deduplication results are cached in ``DIR/.cache`` under a
-fingerprint of their inputs, so an interrupted run resumes at retrieval.
+fingerprint of their inputs (settings, and a digest of a sample of the vectors),
+so an interrupted run resumes at retrieval.
 """
 
 from __future__ import annotations
@@ -78,10 +79,18 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _set_signature(vs: VectorSet) -> list:
-    ids = vs.ids
-    probe = ids[:: max(1, len(ids) // 1000)]
-    return [vs.name, len(vs), vs.dim, hashlib.sha1(probe.tobytes()).hexdigest()[:12]]
+def _set_signature(vs: VectorSet, sample: int = 1000) -> list:
+    """What the dedup cache key knows of a vector set: name, N, D and a digest of the ids and
+    vectors of at most `sample` evenly spaced rows.
+
+    The vectors matter: a re-embedded set (new model, a fixed row) keeps its ids and
+    shape.  Spaced rows see any re-embedding at the cost of ~`sample` row reads; an
+    edit confined to rows between them goes unseen.
+    """
+    rows = np.unique(np.linspace(0, len(vs) - 1, min(len(vs), sample)).astype(np.int64))
+    digest = hashlib.sha1(vs.ids[rows].tobytes())
+    digest.update(vs.gather(rows).tobytes())  # float32 [len(rows), D], normalised (and centred)
+    return [vs.name, len(vs), vs.dim, digest.hexdigest()[:16]]
 
 
 def validate_inputs(curated: VectorSet, pool: VectorSet, references: Sequence[VectorSet], k: int) -> None:
@@ -142,6 +151,11 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
                        cfg.dedup.to_dict(), bool(cfg.center), index.describe(), index_cfg.__dict__)
     cache_file = os.path.join(cache_dir, f"dedup_{key}.npz")
     result = _load_dedup(cache_file)
+    # Every process must take the same branch (deduplication runs collectives), but only
+    # process 0 writes the cache, so another process's copy of out_dir may lack it: use
+    # the cache only if every process has it.
+    if not comm.allgather(np.array([result is not None])).all():
+        result = None
     if result is None:
         if cfg.dedup.enabled:
             result = dd.self_deduplicate(index, float(cfg.dedup.threshold), int(cfg.dedup.k))
