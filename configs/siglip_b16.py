@@ -17,7 +17,8 @@ Reference (ImageNet-1k zero-shot top-1, open_clip's CLIP_benchmark table):
 
 Recipe: sigmoid loss over every image-text pair of the global batch with a learnable temperature
 t' = ln 10 and bias b = -10 at init (the ~B^2 negatives then start with a small loss); MAP-pooled
-image tower, bidirectional text tower pooled at the last position, 64 tokens, images scaled to
+image tower, bidirectional text tower pooled at the last position (captions padded with EOT, as
+big_vision pads, so that position is EOT for every caption), 64 tokens, images scaled to
 [-1, 1]; AdamW with b2 = 0.95 (the SigLIP paper's fix for loss spikes at large batch), warmup + cosine.
 Everything not set here is configs/clip_b16.py (data, evals, mesh).
 """

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lvm_jax import sharding
+from lvm_jax.evals import retrieval
 from lvm_jax.data import synthetic
 from lvm_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lvm_jax.objectives.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
@@ -420,3 +421,31 @@ def test_caption_word_dropout_reaches_the_training_pipeline_only():
     assert not any(isinstance(t, CaptionWordDropout) for t in task.eval_transforms(task.config.data))
     with pytest.raises(Exception, match="caption_word_dropout"):
         get_task(tiny_clip_config(**{"data.caption_word_dropout": 1.0}), _mesh((1, 1, 1))).train_transforms()
+
+
+# --------------------------------------------------------------------------------- padding
+def test_last_position_pooling_pads_with_eot_in_training_eval_and_prompts(monkeypatch):
+    """A tower pooled at the last position (SigLIP) must read EOT there for every caption, as
+    big_vision pads ("sticky" EOS); zero padding would pool the embedding of '!' (id 0)."""
+    from train.tasks.clip import TokenizeCaption
+
+    record = {"image": np.zeros((2, 2, 3), np.float32), "caption": "a red circle", "label": 0, "id": 0}
+    for pool, pad in (("eot", 0), ("last", None)):
+        task = get_task(tiny_clip_config(**{"model.text.pool": pool, "model.text.causal": pool == "eot",
+                                            "evals.templates": ["a {}."]}), _mesh((1, 1, 1)))
+        eot = task.tokenizer.eot_token_id
+        pad = eot if pad is None else pad
+        for transforms in (task.train_transforms(), task.eval_transforms(task.config.data)):
+            tokens = next(t for t in transforms if isinstance(t, TokenizeCaption)).map(dict(record))["tokens"]
+            n = int(np.argmax(tokens == eot))  # the first EOT ends the caption
+            assert 2 < n < len(tokens) - 1 and (tokens[n + 1:] == pad).all(), (pool, tokens)
+        # Zero-shot prompts go through the same padding.
+        seen = []
+        monkeypatch.setattr(retrieval, "embed_arrays", lambda fn, params, tokens, *a: seen.append(tokens) or
+                            np.ones((len(tokens), 4), np.float32))
+        task.zeroshot_classifier(None, type("Source", (), {"class_names": ["circle", "square"]}))
+        assert seen and all((np.argmax(t == eot, axis=1) < t.shape[1] - 1).all() and (t[:, -1] == pad).all()
+                            for t in seen), pool
+    with pytest.raises(Exception, match="pad_mask"):
+        get_task(tiny_clip_config(**{"model.text.pool": "last", "model.text.causal": False,
+                                     "model.text.pad_mask": True}), _mesh((1, 1, 1))).train_transforms()

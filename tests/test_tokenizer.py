@@ -159,3 +159,12 @@ def test_train_bpe_small_vocab(tmp_path):
 def test_train_bpe_rejects_tiny_vocab():
     with pytest.raises(ValueError, match="514"):
         train_bpe(["a b c"], vocab_size=100)
+
+
+def test_pad_id_fills_after_eot_only(tok):
+    plain, sticky = tok(["a cat", "a"], 12), tok(["a cat", "a"], 12, pad_id=tok.eot_token_id)
+    for row_plain, row_sticky in zip(plain, sticky):
+        n = int(np.argmax(row_plain == tok.eot_token_id))
+        np.testing.assert_array_equal(row_plain[:n + 1], row_sticky[:n + 1])
+        assert (row_plain[n + 1:] == 0).all() and (row_sticky[n:] == tok.eot_token_id).all()
+    assert tok.decode(sticky[0]) == tok.decode(plain[0]) == "a cat"

@@ -215,11 +215,14 @@ class ClipTokenizer:
         out += self._tokenizer.encode(text[start:], add_special_tokens=False).ids
         return out
 
-    def __call__(self, texts: str | Iterable[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
-        """Tokenizes texts to `np.int32 [N, context_length]`: SOT, ids, EOT, zero padding.
+    def __call__(self, texts: str | Iterable[str], context_length: int = DEFAULT_CONTEXT_LENGTH,
+                 pad_id: int = 0) -> np.ndarray:
+        """Tokenizes texts to `np.int32 [N, context_length]`: SOT, ids, EOT, then `pad_id`.
 
         Texts longer than the context are truncated and their last position set to EOT,
-        so EOT-pooling always finds the end of the kept text.
+        so EOT-pooling always finds the end of the kept text. Padding is 0 as in
+        open_clip; a tower pooled at the last position wants `pad_id=eot_token_id`
+        (big_vision's "sticky" EOS), so that position holds EOT for every caption.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -230,7 +233,7 @@ class ClipTokenizer:
             if not isinstance(t, str):
                 raise ValueError(f"Tokenizer got a {type(t).__name__}, not a str; pass a list of strings.")
         all_ids = self._encode_cleaned([clean_text(t) for t in texts])
-        out = np.zeros((len(texts), context_length), np.int32)
+        out = np.full((len(texts), context_length), pad_id, np.int32)
         for row, ids in zip(out, all_ids):
             n = min(len(ids), context_length - 2)
             row[0] = self.sot_token_id
@@ -239,7 +242,7 @@ class ClipTokenizer:
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of token ids; SOT, EOT and padding (0 after EOT) are dropped."""
+        """Text of token ids; SOT, EOT and the padding after EOT are dropped."""
         pieces = []
         for i in ids:
             i = int(i)

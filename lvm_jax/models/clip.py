@@ -112,7 +112,8 @@ class CLIP(nn.Module):
 
     def __call__(self, images: Array, tokens: Array, train: bool = False) -> dict[str, Array | None]:
         """Both towers. Returns {'image': `[B, E]`, 'text': `[B, E]`, 'logit_scale': log scale `[]`,
-        'logit_bias': `[]` or None}; the loss uses exp(min(logit_scale, ln 100))."""
+        'logit_bias': `[]` or None}. The loss uses exp(logit_scale); training keeps logit_scale
+        <= ln 100 by clamping the parameter after every update (`clamp_logit_scale`, as open_clip)."""
         return {"image": self.encode_image(images, train), "text": self.encode_text(tokens, train),
                 "logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
 

@@ -89,15 +89,16 @@ LOSSES = ("softmax", "sigmoid")
 class TokenizeCaption(grain.MapTransform):
     """Last host step: record['caption'] -> 'tokens' int32 `[L]`; keeps only `keys` (+ tokens)."""
 
-    def __init__(self, tokenizer: ClipTokenizer, context_length: int, keys: tuple[str, ...]):
+    def __init__(self, tokenizer: ClipTokenizer, context_length: int, keys: tuple[str, ...], pad_id: int = 0):
         self.tokenizer, self.context_length, self.keys = tokenizer, int(context_length), tuple(keys)
+        self.pad_id = int(pad_id)
 
     def map(self, record: dict[str, Any]) -> dict[str, Any]:
         out = {k: record[k] for k in self.keys if k in record}
         if "id" in out:
             out["id"] = np.int32(out["id"])
         if "caption" in record:
-            out["tokens"] = self.tokenizer([record["caption"]], self.context_length)[0]
+            out["tokens"] = self.tokenizer([record["caption"]], self.context_length, self.pad_id)[0]
         return out
 
 
@@ -262,15 +263,29 @@ class ClipTask(Task):
         text = self.config.model.get("text", None) or {}
         return int(text.get("context_length", None) or TextTransformer.context_length)
 
+    @property
+    def pad_id(self) -> int:
+        """The token after EOT. A text tower pooled at the last position reads the same token
+        (EOT) for every caption only if the padding is EOT, as big_vision pads for SigLIP; a
+        zero pad would pool the embedding of '!' (id 0 in CLIP's BPE). Otherwise 0 (open_clip)."""
+        text = self.config.model.get("text", None) or {}
+        if text.get("pool", "eot") != "last":
+            return int(text.get("pad_id", 0))
+        if text.get("pad_mask", False):
+            raise UserError("config.model.text.pad_mask masks id pad_id, but pool='last' pads with EOT; "
+                            "set pad_mask=False (big_vision's SigLIP attends to the padding) or pool='eot'.")
+        return self.tokenizer.eot_token_id
+
     def train_transforms(self) -> list:
         word_dropout = float(self.config.data.get("caption_word_dropout", 0.0) or 0.0)
         text_aug = [CaptionWordDropout(word_dropout)] if word_dropout else []
         return image_transforms(self.config.data, train=True) + text_aug + [
-            TokenizeCaption(self.tokenizer, self.context_length, keys=("image",))]
+            TokenizeCaption(self.tokenizer, self.context_length, keys=("image",), pad_id=self.pad_id)]
 
     def eval_transforms(self, data_cfg: ml_collections.ConfigDict) -> list:
         return image_transforms(data_cfg, train=False) + [
-            TokenizeCaption(self.tokenizer, self.context_length, keys=("image", "label", "id"))]
+            TokenizeCaption(self.tokenizer, self.context_length, keys=("image", "label", "id"),
+                            pad_id=self.pad_id)]
 
     # --- model and state ----------------------------------------------------------------------
     @property
@@ -467,8 +482,8 @@ class ClipTask(Task):
             model = self.model
             self._eval_cache["text_fn"] = lambda p, t: model.apply({"params": p}, t, method="encode_text")
         encode = lambda prompts: retrieval.embed_arrays(  # noqa: E731
-            self._eval_cache["text_fn"], params, self.tokenizer(prompts, self.context_length), self.mesh,
-            int(self.config.get("eval_batch_size", self.config.batch_size)))
+            self._eval_cache["text_fn"], params, self.tokenizer(prompts, self.context_length, self.pad_id),
+            self.mesh,            int(self.config.get("eval_batch_size", self.config.batch_size)))
         return zeroshot.build_zeroshot_weights(encode, classnames, templates)
 
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
