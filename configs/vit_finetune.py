@@ -9,8 +9,9 @@ Time:      minutes per epoch on a small data set (Oxford-IIIT Pets: ~3.7k images
 Expected:  ~93-94% top-1 on Pets from an ImageNet-21k ViT-B/16 in 10 epochs (typical transfer numbers in the
            ViT / big_vision transfer papers); the head is re-initialised for your number of classes.
 
-Recipe (big_vision transfer style): SGD-like small lr with AdamW 3e-5..1e-4, short warmup, cosine, no weight
-decay on the head, layer-wise lr decay 0.75, label smoothing 0.1, grad clip 1.0.
+Recipe (big_vision transfer style): SGD-like small lr with AdamW 3e-5..1e-4, short warmup, cosine, weight
+decay 0.05 on every kernel (the new head's too; biases, norms, tokens and position embeddings are not
+decayed), layer-wise lr decay 0.75, label smoothing 0.1, grad clip 1.0.
 """
 
 import ml_collections

@@ -9,8 +9,9 @@ Expected:  76.5% top-1 on ImageNet val at 90 epochs (big_vision reports 76.5 / 7
 
 Recipe: batch 1024, Adam(0.9, 0.999), lr 1e-3 with 10k warmup steps + cosine, decoupled weight decay 1e-4
 (big_vision scales it by the schedule, not by lr: with optax's lr-scaled AdamW that is 1e-4 / 1e-3 = 0.1),
-grad clip 1.0, global-average pooling, fixed 2-D sin-cos position embeddings, zero-init head,
-RandAugment(2, 10), mixup 0.2, Inception crop, no dropout / stochastic depth.
+grad clip 1.0, global-average pooling, a tanh pre-logits layer (big_vision's rep_size=True), fixed 2-D
+sin-cos position embeddings, zero-init head, inputs scaled to [-1, 1], RandAugment(2, 10), mixup 0.2,
+Inception crop, no dropout / stochastic depth.
 """
 
 import ml_collections
@@ -23,6 +24,7 @@ def get_config(arg=None):
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
         variant="S/16", image_size=224, num_classes=1000, pool="gap", class_token=False, pos_embed="sincos2d",
+        rep_size=384,
         head_zero_init=True, drop_path_rate=0.0, dtype="bfloat16", param_dtype="float32",
         attention_impl="auto", remat="none", scan_layers=True,
     ))
@@ -30,6 +32,7 @@ def get_config(arg=None):
         source="tfds", name="imagenet2012", path="", train_split="train", eval_split="validation",
         image_size=224, worker_count=16, prefetch=4, read_threads=16, decode_errors="skip",
         rrc_scale=(0.05, 1.0), rrc_ratio=(3 / 4, 4 / 3), hflip=True, randaugment=(2, 10), eval_resize_ratio=0.875,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # big_vision's value_range(-1, 1)
         synthetic=ml_collections.ConfigDict(dict(num_train=0, num_eval=0, seed=0, image_size=224, num_classes=10)),
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -213,6 +213,13 @@ def test_randaugment_and_colour_ops_keep_shape_and_are_deterministic():
                         np.where(image >= 128, 255 - image, image))
 
 
+def test_randaugment_magnitude_above_its_scale_is_refused_not_clipped():
+  from lvm_jax.errors import UserError
+
+  with pytest.raises(UserError, match=r"randaugment=\(2, 15\).*\[0, 10\]"):
+    T.supervised_transforms(data_config(source="folder", randaugment=(2, 15)), train=True)
+
+
 def test_decode_handles_grayscale_and_rgba():
   def encode(arr, fmt):
     buf = io.BytesIO()

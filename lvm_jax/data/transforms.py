@@ -23,6 +23,8 @@ import grain.python as grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from lvm_jax.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -319,7 +321,14 @@ class RandomHorizontalFlip(grain.RandomMapTransform):
 
 
 class RandAugment(grain.RandomMapTransform):
+  """`num_ops` ops at `magnitude` in [0, 10] (timm/torchvision's op set and scale)."""
+
   def __init__(self, num_ops: int = 2, magnitude: float = 9.0):
+    # Refused, not clipped: big_vision's randaug(2, 15) means more than level 10, and
+    # clipping would silently train with (2, 10).
+    if not 0 <= float(magnitude) <= 10 or int(num_ops) < 0:
+      raise UserError(f"config.data.randaugment=({num_ops}, {magnitude}): the magnitude must be in [0, 10] "
+                      "(10 = the strongest op setting on this scale) and num_ops >= 0.")
     self.num_ops, self.magnitude = int(num_ops), float(magnitude)
 
   def random_map(self, record, rng):

@@ -348,8 +348,9 @@ class ViT(nn.Module):
 
     pre_logits = pooled
     if self.rep_size and pooled is not None:
+      # lecun_normal: big_vision's pre-logits layer is a default-initialised flax Dense.
       pre_logits = nn.tanh(nn.Dense(self.rep_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    kernel_init=logical(dense_init, ("embed", "proj")),
+                                    kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "proj")),
                                     bias_init=logical(zeros_init, ("proj",)), name="pre_logits")(pooled))
     out["pre_logits"] = pre_logits
     if self.num_classes:
