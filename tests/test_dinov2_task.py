@@ -4,6 +4,7 @@ one compile over 20 steps, kill/resume exactness (teacher, centre, data order), 
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import flax.linen as nn
@@ -479,3 +480,15 @@ def test_view_curriculum_follows_the_step_and_resumes_exactly():
         got = next(resumed)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ibot.mask_probability": 0.75}, "not a whole number of each sample's 2 global crops"),
+    ({"ibot.mask_probability": 0.3}, "masks no global crop"),
+    ({"ibot.mask_ratio": (0.5, 0.1)}, "must be (min, max) fractions"),
+])
+def test_bad_ibot_settings_are_one_clear_error(overrides, message):
+    from lvm_jax.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        get_task(tiny_dinov2_config(**overrides), _mesh((1, 1, 1)))

@@ -123,6 +123,11 @@ class Dinov2Task(Task):
         if self.use_ibot and int(2 * p) == 0:
             raise UserError(f"config.ibot.mask_probability={p} masks no global crop (each sample masks "
                             "int(2 * p) of its 2 crops); use >= 0.5 or set config.ibot.loss_weight=0.")
+        if self.use_ibot and 2 * p != int(2 * p):
+            # Masks are drawn per sample (resumable, independent of the host batch): a fraction of
+            # its 2 global crops is a whole number of them, and anything else would be floored.
+            raise UserError(f"config.ibot.mask_probability={p} is not a whole number of each sample's 2 global "
+                            "crops; use 0.5 (DINOv2's) or 1.0.")
         views = self.synthetic_views
         if views:
             if (c.data.get("source", "synthetic") or "synthetic") != "synthetic":
