@@ -16,9 +16,12 @@ Reference (ImageNet-1k zero-shot top-1, open_clip's CLIP_benchmark table):
            CLIP's BPE vocabulary (tokenizer.path).
 
 Recipe: sigmoid loss over every image-text pair of the global batch with a learnable temperature
-t' = ln 10 and bias b = -10 at init (the ~B^2 negatives then start with a small loss); MAP-pooled
-image tower, bidirectional text tower pooled at the last position (captions padded with EOT, as
-big_vision pads, so that position is EOT for every caption), 64 tokens, images scaled to
+t' = ln 10 and bias b = -10 at init (the ~B^2 negatives then start with a small loss), t not clamped
+(big_vision never clamps it; released SigLIP checkpoints end near exp(t) = 112, above CLIP's 100);
+MAP-pooled image tower whose output is the image embedding (no image projection) and a text
+projection with a bias, as big_vision's two towers; bidirectional text tower pooled at the last
+position (captions padded with EOT, as big_vision pads, so that position is EOT for every caption),
+64 tokens, images scaled to
 [-1, 1]; AdamW with b2 = 0.95 (the SigLIP paper's fix for loss spikes at large batch), warmup + cosine.
 Everything not set here is configs/clip_b16.py (data, evals, mesh).
 """
@@ -36,12 +39,14 @@ def get_config(arg=None):
     c.model.embed_dim = 768
     c.model.init_logit_scale = math.log(10.0)
     c.model.init_logit_bias = -10.0
+    c.model.image_projection = False  # embed_dim == the image width: the MAP head's output is the embedding
+    c.model.projection_bias = True
     c.model.vision.update(dict(pool="map", class_token=False, pre_norm=False, patch_bias=True, norm_eps=1e-6))
     c.model.text.update(dict(context_length=64, width=768, depth=12, num_heads=12, causal=False, pool="last",
                              norm_eps=1e-6))
     c.loss = "sigmoid"
     c.ring_loss = False
-    c.max_logit_scale = math.log(100.0)  # the same guard as CLIP
+    c.max_logit_scale = None  # big_vision's SigLIP leaves t unclamped
 
     c.data.mean = (0.5, 0.5, 0.5)
     c.data.std = (0.5, 0.5, 0.5)
