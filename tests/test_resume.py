@@ -93,3 +93,41 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     la, lb = loss(straight), loss(broken)
     for step in (12, 11, 10):
         assert la[step] == lb[step]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_one_checkpoint_everywhere(tmp_path):
+    """A preemption notice reaching one host only: both processes agree on a step, save it, exit 0.
+
+    Each process once acted on its own SIGTERM: the signalled one waited at orbax's save barrier
+    while the other waited in the next step's collectives, and neither ever finished.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train", "--config", CONFIG, "--workdir", str(workdir), "--config.total_steps=100000",
+           "--config.ckpt_every=0", "--config.eval_every=0", "--config.log_every=1", "--config.compile_cache_dir=none"]
+    # stderr to files: an unread pipe fills with progress bars and blocks the writer.
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logs[i], "w"),
+                              env={**_env(), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+             for i in range(2)]
+    tails = lambda: "\n".join(log.read_text()[-2000:] for log in logs)  # noqa: E731
+    try:
+        deadline = time.time() + 300
+        while len(_steps_logged(workdir)) < 3 and all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(p.poll() is None for p in procs), tails()
+        procs[1].send_signal(signal.SIGTERM)  # the notice reaches process 1 only
+        codes = [p.wait(timeout=180) for p in procs]
+        assert codes == [0, 0], tails()
+    finally:
+        for p in procs:
+            p.kill()
+    saved = _checkpoints(workdir)
+    assert len(saved) == 1 and 3 <= saved[0] < 100000, saved
+    assert _steps_logged(workdir)[-1] == saved[0]  # the log ends at the saved step

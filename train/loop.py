@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from etils import epath
 from tqdm import tqdm
@@ -31,10 +32,21 @@ from train.tasks import get_task
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (save, then exit 0)."""
+    """SIGTERM -> save a checkpoint, then exit 0; `reached(step)` is checked after every step.
+
+    One process: a Python handler sets a flag. Several processes: the signal may reach one
+    host only, or the hosts at different steps, and a host that stopped to save alone would
+    wait at the checkpoint's barrier while the others wait in the next step's collectives.
+    There JAX's preemption service (started by jax.distributed.initialize; it catches SIGTERM
+    itself, so no Python handler may replace its own) agrees on one step at which every
+    process saves and stops.
+    """
 
     def __init__(self):
         self.requested = False
+        self.several = jax.process_count() > 1
+        if self.several:
+            return
         try:
             signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside some test runners)
@@ -43,6 +55,12 @@ class _Preemption:
     def _handle(self, signum, frame):
         del signum, frame
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Must be called by every process after every step (the service counts steps)."""
+        if self.several and not self.requested:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def _to_float(tree: dict[str, Any]) -> dict[str, float]:
@@ -172,7 +190,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             bar.update(1)
 
             must_log = step % log_every == 0 or step == total_steps
-            must_save = step % ckpt_every == 0 or step == total_steps or preempt.requested
+            preempted = preempt.reached(step)  # every step, before any short-circuit
+            must_save = step % ckpt_every == 0 or step == total_steps or preempted
             if must_log or must_save:
                 values = _to_float(metrics)
                 if not all(math.isfinite(v) for k, v in values.items() if k == "loss"):
