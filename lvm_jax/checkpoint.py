@@ -13,6 +13,7 @@ import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
 
+from lvm_jax.errors import UserError
 from lvm_jax.workdir import as_path
 
 
@@ -20,6 +21,8 @@ class Checkpointer:
     """`DIR/checkpoints/<step>/{state,data}` (local or gs://); async saves, keeps the newest `keep`."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        if keep < 1:  # orbax reads max_to_keep=0 as "keep none": every save would be deleted
+            raise UserError(f"config.keep_checkpoints={keep} would delete every checkpoint; keep at least 1.")
         self.directory = as_path(directory, what="checkpoint directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)

@@ -71,6 +71,24 @@ def test_jsonl_source_and_bad_rows(image_dir):
         C.build_captions_source(strict, "train")
 
 
+def test_byte_order_mark_is_not_part_of_the_first_row_or_column(image_dir):
+    # Spreadsheet exports start with a UTF-8 byte-order mark; it glued itself to the first JSON row
+    # (dropped as malformed) and to the first CSV column's name.
+    rows = [{"image": "img/0.png", "caption": "a black square"}, {"image": "img/1.png", "caption": "dark"}]
+    (image_dir / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    for name in ("bom.jsonl", "bom.csv"):
+        if name.endswith(".csv"):
+            (image_dir / name).write_bytes(b"\xef\xbb\xbffilepath,title\nimg/0.png,a black square\nimg/1.png,dark\n")
+        source = C.build_captions_source(_cfg(path=str(image_dir / name), eval_path=str(image_dir / name)))
+        assert source.captions == ["a black square", "dark"] and not source.skipped, name
+
+
+def test_holdout_fraction_zero_is_refused_not_replaced_by_the_default(image_dir):
+    _write_jsonl(image_dir / "c.jsonl", [{"image": f"img/{i}.png", "caption": "x"} for i in range(4)])
+    with pytest.raises(ValueError, match=r"holdout_fraction=0.0 must be in \(0, 1\)"):
+        C.build_captions_source(_cfg(path=str(image_dir / "c.jsonl"), holdout_fraction=0.0), "train")
+
+
 def test_missing_image_raises_under_raise_policy(image_dir):
     _write_jsonl(image_dir / "c.jsonl", [{"image": "img/nope.png", "caption": "x"}])
     source = C.build_captions_source(_cfg(path=str(image_dir / "c.jsonl"), eval_path=str(image_dir / "c.jsonl"),

@@ -25,6 +25,9 @@ def _train(tmp_path, *overrides, capsys):
     (["--config.task=vae"], "config.task='vae' is unknown"),
     (["--config.data.source=folder", "--config.data.path=/nonexistent/pets"], "/nonexistent/pets"),
     (["--config.optim.lr=fast"], "Config key 'optim.lr' expects a float"),
+    (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0 must be >= 1"),
+    (["--config.log_every=0"], "config.log_every=0 must be >= 1"),
+    (["--config.total_steps=-5"], "config.total_steps=-5 must be >= 0"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, overrides, message):
     rc, err = _train(tmp_path, *overrides, capsys=capsys)

@@ -67,6 +67,19 @@ def _to_float(tree: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
+def check_loop_settings(config: ml_collections.ConfigDict) -> None:
+    """Refuses loop settings that would silently do nothing or fail late (after data indexing and
+    compilation): a negative run length, log_every < 1, negative intervals, keeping no checkpoint."""
+    minimum = {"total_steps": 0, "total_epochs": 0, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
+               "keep_checkpoints": 1}
+    for key, low in minimum.items():
+        value = config.get(key)
+        if value is not None and value < low:
+            meaning = {"eval_every": " (0 = only at the end)", "ckpt_every": " (0 = only at the end)",
+                       "total_steps": " (0 = count the run in total_epochs)"}.get(key, "")
+            raise UserError(f"config.{key}={value} must be >= {low}{meaning}.")
+
+
 def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
     if config.get("total_steps"):
         return int(config.total_steps)
@@ -108,6 +121,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         cache_dir: epath.Path | None) -> dict[str, float]:
     is_main = jax.process_index() == 0
     preempt = _Preemption()  # installed first: a SIGTERM during setup still ends in a clean save
+    check_loop_settings(config)
 
     # --- Workdir and mesh --------------------------------------------------------------------
     if is_main:

@@ -60,6 +60,7 @@ from etils import epath
 from tqdm import tqdm
 
 from lvm_jax.data import files
+from lvm_jax.data.sources import holdout_fraction
 from lvm_jax.workdir import write_whole
 
 ERROR_POLICIES = ("skip", "raise")
@@ -452,7 +453,8 @@ def holdout_indices(image_keys: Sequence[str], split: str, fraction: float, seed
     there are >= 2.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}.")
+        raise ValueError(f"data.holdout_fraction={fraction} must be in (0, 1): the share of images held out "
+                     "for evaluation when the data has no eval split of its own (root/val, data.eval_path).")
     index_of: dict[str, int] = {}
     image_of_row = np.asarray([index_of.setdefault(k, len(index_of)) for k in image_keys], np.int64)
     num_images = len(index_of)
@@ -484,7 +486,7 @@ def build_captions_source(data_cfg, split: str = "train") -> CaptionsSource:
         data_cfg.get("image_root", None), data_cfg.get("csv_separator", None), errors)
     _log_skipped(f"caption file {path!r}", skipped)
     if holdout and paths:
-        rows = holdout_indices(paths, split, float(data_cfg.get("holdout_fraction", 0.1) or 0.1),
+        rows = holdout_indices(paths, split, holdout_fraction(data_cfg),
                                int(data_cfg.get("holdout_seed", 0) or 0))
         paths, captions = [paths[i] for i in rows], [captions[i] for i in rows]
     return CaptionsSource(paths, captions, errors, name=f"{path} [{split}]", skipped=skipped)
@@ -509,7 +511,7 @@ def build_webdataset_source(data_cfg, split: str = "train") -> WebDatasetSource:
     index_dir = data_cfg.get("index_dir", None)
     source = WebDatasetSource(shards, errors, index_dir, process=_process_position())
     if holdout:
-        rows = holdout_indices(source.image_keys, split, float(data_cfg.get("holdout_fraction", 0.1) or 0.1),
+        rows = holdout_indices(source.image_keys, split, holdout_fraction(data_cfg),
                                int(data_cfg.get("holdout_seed", 0) or 0))
         source = source.subset(rows)
     return source

@@ -162,11 +162,15 @@ def open_binary(path: str) -> IO[bytes]:
 
 
 def open_text(path: str) -> IO[str]:
-    """A text file object (UTF-8, universal newlines left to the csv module)."""
+    """A text file object (UTF-8, universal newlines left to the csv module).
+
+    utf-8-sig drops a byte-order mark (spreadsheet exports write one), which would otherwise
+    glue itself to the first JSON line or the first CSV column's name.
+    """
     if not is_url(path):
-        return open(path, encoding="utf-8", newline="")
+        return open(path, encoding="utf-8-sig", newline="")
     fs, inner = _fs(path)
-    return fs.open(inner, "rt", encoding="utf-8", newline="")
+    return fs.open(inner, "rt", encoding="utf-8-sig", newline="")
 
 
 def glob(pattern: str) -> list[str]:

@@ -175,12 +175,20 @@ def _split_dirs(root: str) -> tuple[str, str] | None:
   return None
 
 
+def holdout_fraction(data_cfg: Any) -> float:
+  """data.holdout_fraction (default 0.1 when unset). 0 is kept as given (and refused by the split
+  with its fix), not replaced by the default: a falsy fallback moved 10% of the data to eval."""
+  value = data_cfg.get("holdout_fraction", None)
+  return 0.1 if value is None else float(value)
+
+
 def holdout_split(files_per_class: list[list[str]], fraction: float, seed: int = 0
                   ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
   """Stratified fixed-seed hold-out: ~fraction of each class (>= 1 image when the
   class has >= 2) goes to eval.  Returns (train, eval) lists of (path, label)."""
   if not 0 < fraction < 1:
-    raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}.")
+    raise ValueError(f"data.holdout_fraction={fraction} must be in (0, 1): the share of images held out "
+                     "for evaluation when the data has no eval split of its own (root/val, data.eval_path).")
   rng = np.random.default_rng(seed)
   train, held = [], []
   for label, paths in enumerate(files_per_class):
@@ -225,7 +233,7 @@ def build_image_folder(root: str, split: str, holdout_fraction: float = 0.1,
 
 def _folder(data_cfg, split: str) -> ImageFolder:
   return build_image_folder(data_cfg.get("path", "") or "", split,
-                            float(data_cfg.get("holdout_fraction", 0.1) or 0.1),
+                            holdout_fraction(data_cfg),
                             int(data_cfg.get("holdout_seed", 0) or 0))
 
 
