@@ -80,7 +80,7 @@ def vit_forward_flops(model: Any, image_size: int | tuple[int, int], batch: int 
                      "bench a ViT with stem='patch'.")
   rest = dims.depth * block_flops(dims, tokens)
   if model.pool == "map":
-    mlp = TowerDims(dims.width, 1, dims.num_heads, 4 * dims.width, dims.head_dim)
+    mlp = TowerDims(dims.width, 1, dims.num_heads, dims.mlp_dim, dims.head_dim)  # the MAP head's MLP: plain
     rest += block_flops(mlp, 1, tokens)
   head_in = dims.width
   if model.rep_size and model.pool != "none":

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from lvm_jax import flops as F
+from lvm_jax import sharding
 from lvm_jax.bench import cli, measure, suite
 from lvm_jax.bench import jax_workloads as J
 from lvm_jax.models.clip import CLIP
@@ -106,7 +107,7 @@ def _vit_case(**kw):
 
 
 @pytest.mark.parametrize("kw", [dict(pool="gap"), dict(pool="cls", num_registers=2, rep_size=32),
-                                dict(pool="gap", ffn="swiglu"), dict(pool="map")])
+                                dict(pool="gap", ffn="swiglu"), dict(pool="map"), dict(pool="map", mlp_dim=96)])
 def test_vit_flops_match_the_dots_jax_emits(kw):
   model, params, images, labels = _vit_case(**kw)
   fwd = lambda p, x: model.apply({"params": p}, x)["logits"]  # noqa: E731
@@ -127,6 +128,14 @@ def test_vit_flops_against_xla_cost_analysis():
   train_dots, train_cost = _hlo_and_cost(lambda p: _ce_grad(model, p, images, labels), params)
   assert fwd_dots <= fwd_cost <= 1.3 * fwd_dots
   assert train_dots <= train_cost <= 1.3 * train_dots
+
+
+def test_xla_flop_count_is_the_whole_step_on_a_mesh():
+  # The SPMD module's cost analysis is per device; the bench reports the whole step's.
+  mesh = sharding.make_mesh({"data": -1})
+  assert mesh.devices.size == 8
+  w = J.build(J.Spec("vit", "Ti/16", 8, 32, "fwd", "float32"), mesh)
+  assert w.flops_per_step <= w.xla_flops_per_step <= 1.3 * w.flops_per_step
 
 
 def test_vit_train_is_about_three_forwards():
@@ -244,6 +253,7 @@ def test_cli_json_schema_with_torch(tmp_path, capsys):
     assert row["steps_timed"] == 2
   jax_row, torch_row = payload["results"]
   assert jax_row["tflop_per_step"] == torch_row["tflop_per_step"]
+  assert jax_row["xla_tflop_per_step"] is None  # scanned layers: XLA's cost analysis counts one iteration
   assert jax_row["peak_mem_gb"] > 0
   (ratio,) = payload["ratios"]
   assert ratio["ratio"] == pytest.approx(jax_row["img_per_s"] / torch_row["img_per_s"], rel=1e-3)
@@ -251,6 +261,31 @@ def test_cli_json_schema_with_torch(tmp_path, capsys):
   # lvm-bench sets the host allocator before anything runs and says which setting ran.
   assert payload["env"]["host_malloc"].split(":")[0] in ("retain", "system")
   assert "host allocator: " in text
+
+
+def test_gpu_comparisons_are_like_for_like(monkeypatch):
+  """float32 on a GPU is TF32 in both frameworks and named so; one GPU per framework."""
+  from lvm_jax.bench import torch_workloads as T
+
+  torch = pytest.importorskip("torch")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [type("Device", (), {"device_kind": "NVIDIA H100 80GB HBM3"})()])
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  peak, label = cli._peak("float32")
+  assert peak == pytest.approx(494.7) and "TF32" in label
+  assert "TF32" not in cli._peak("bfloat16")[1]
+  with pytest.raises(cli.BenchError, match="CUDA_VISIBLE_DEVICES"):
+    cli.check_compare_devices("gpu", 8)
+  cli.check_compare_devices("cpu", 8)  # on CPU both frameworks use the same cores
+  precision = torch.get_float32_matmul_precision()
+  try:
+    assert T.match_jax_precision(torch, "cpu", "float32") is None and T.match_jax_precision(
+        torch, "cuda", "bfloat16") is None
+    assert torch.get_float32_matmul_precision() == precision
+    assert "TF32" in T.match_jax_precision(torch, "cuda", "float32")
+    assert torch.get_float32_matmul_precision() == "high"
+  finally:
+    torch.set_float32_matmul_precision(precision)
 
 
 def test_missing_torch_module_is_one_clear_message(monkeypatch):

@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare == "torch":
       from lvm_jax.bench import torch_workloads as T
 
+      check_compare_devices(jax.default_backend(), jax.device_count())
       try:
         compile_ = args.torch_compile == "on" or (args.torch_compile == "auto" and jax.default_backend() == "gpu")
         workloads.append(T.build(spec, workloads[0].flops_per_step, compile_))
@@ -225,6 +226,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return payload
 
 
+def check_compare_devices(backend: str, device_count: int) -> None:
+  """PyTorch runs the whole batch on one accelerator; JAX would use all of them, and both rows
+  would be divided by every chip's peak. (On CPU both use the same cores.)"""
+  if backend != "cpu" and device_count > 1:
+    raise BenchError(f"--compare torch runs PyTorch on one {backend.upper()} while JAX sees {device_count}; "
+                     "make one visible (e.g. CUDA_VISIBLE_DEVICES=0) for a like-for-like comparison.")
+
+
 def _build_jax(J, spec, mesh):
   """Builds and compiles the JAX step; a cuDNN attention that does not compile falls back to XLA's."""
   import dataclasses
@@ -252,8 +261,11 @@ def _peak(dtype: str) -> tuple[float | None, str]:
     return None, "measured"
   kind = jax.devices()[0].device_kind
   peak = M.device_peak_tflops(kind, dtype)
+  # GPUs run float32 dots as TF32 at JAX's default precision, and the table holds that peak.
+  label = "TF32 (float32 at JAX's default precision)" if dtype == "float32" and jax.default_backend() == "gpu" \
+      else dtype
   return (peak * jax.device_count() if peak else None,
-          f"table: {kind} dense {dtype} peak x {jax.device_count()} devices" if peak else
+          f"table: {kind} dense {label} peak x {jax.device_count()} devices" if peak else
           f"unknown device {kind!r}: no peak in lvm_jax.bench.measure.DEVICE_PEAK_TFLOPS, MFU omitted")
 
 

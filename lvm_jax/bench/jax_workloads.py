@@ -67,14 +67,20 @@ class Spec:
 
 # ----------------------------------------------------------------------------- shared plumbing
 
-def _cost_flops(compiled: Any) -> float | None:
+def _cost_flops(compiled: Any, spec: Spec, num_devices: int, notes: list[str]) -> float | None:
+  """XLA's FLOP count of the whole step: the SPMD module's cost analysis is per device. None under
+  scan_layers: the analysis does not multiply a loop body by its trip count."""
+  if spec.scan_layers:
+    notes.append("xla_tflop_per_step: not reported under --scan-layers (XLA's cost analysis counts a "
+                 "scanned loop body once)")
+    return None
   try:
     cost = compiled.cost_analysis()
   except Exception:  # some backends do not implement it
     return None
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and cost.get("flops") else None
+  return float(cost["flops"]) * num_devices if cost and cost.get("flops") else None
 
 
 def _unbox(tree: Any) -> Any:
@@ -120,7 +126,7 @@ def train_workload(spec: Spec, mesh, init_fn, step_fn, batch: dict[str, Any], im
     jax.block_until_ready((holder["state"], metrics))
 
   _, source = jax_peak_mem_gb()
-  return Workload("jax", run, images_per_step, flops, compile_s, _cost_flops(compiled),
+  return Workload("jax", run, images_per_step, flops, compile_s, _cost_flops(compiled, spec, mesh.devices.size, notes),
                   peak_mem=lambda: jax_peak_mem_gb()[0], mem_source=source, impl=impl, notes=notes)
 
 
@@ -136,7 +142,7 @@ def forward_workload(spec: Spec, mesh, init_params, apply_fn, batch: dict[str, A
     jax.block_until_ready(compiled(params, batch))
 
   _, source = jax_peak_mem_gb()
-  return Workload("jax", run, images_per_step, flops, compile_s, _cost_flops(compiled),
+  return Workload("jax", run, images_per_step, flops, compile_s, _cost_flops(compiled, spec, mesh.devices.size, notes),
                   peak_mem=lambda: jax_peak_mem_gb()[0], mem_source=source, impl=impl, notes=notes)
 
 

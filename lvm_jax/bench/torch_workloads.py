@@ -231,7 +231,9 @@ def build_dinov2(spec: Spec, flops: float, compile_: bool) -> Workload:
 
     def forward(self, x):
       x = fn.normalize(self.mlp(x).float(), dim=-1)
-      return (x @ fn.normalize(self.prototypes, dim=1).T) * self.gain
+      # float32, as the JAX head: autocast would run this matmul in bfloat16 despite the casts.
+      with torch.autocast(device_type=x.device.type, enabled=False):
+        return (x @ fn.normalize(self.prototypes.float(), dim=1).T) * self.gain
 
   student = nn.ModuleDict({"backbone": Backbone(vit), "head": Head()}).to(device)
   teacher = copy.deepcopy(student)
@@ -310,4 +312,20 @@ BUILDERS = {"vit": build_vit, "clip": build_clip, "dinov2": build_dinov2}
 
 
 def build(spec: Spec, flops: float, compile_: bool) -> Workload:
-  return BUILDERS[spec.model](spec, flops, compile_)
+  (torch,) = import_torch()
+  note = match_jax_precision(torch, _device(torch), spec.dtype)
+  workload = BUILDERS[spec.model](spec, flops, compile_)
+  if note:
+    workload.notes.append(note)
+  return workload
+
+
+def match_jax_precision(torch, device: str, dtype: str) -> str | None:
+  """float32 on a GPU: JAX's default precision runs float32 matmuls as TF32, PyTorch's as full
+  FP32 (several times slower); let PyTorch use TF32 too, so the two rows do the same arithmetic.
+  Returns the note for the row, or None where nothing changed."""
+  if device != "cuda" or dtype != "float32":
+    return None
+  torch.set_float32_matmul_precision("high")
+  torch.backends.cudnn.allow_tf32 = True
+  return "float32 matmuls and convolutions as TF32 (JAX's default GPU precision)"
