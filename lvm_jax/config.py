@@ -74,6 +74,8 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> 
         value = float(value)
     if isinstance(old, tuple) and isinstance(value, list):
         value = tuple(value)
+    if isinstance(old, str) and value is not None and not isinstance(value, str):
+        value = raw  # a str field keeps the text as written (a tag '123', a path '2024')
     try:
         with node.unlocked() if hasattr(node, "unlocked") else _null():
             node[parts[-1]] = value

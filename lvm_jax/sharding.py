@@ -141,6 +141,12 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "config.batch_si
             f"{what}={global_batch} is not divisible by the {jax.process_count()} processes; "
             f"use a multiple of {jax.process_count()}."
         )
+    if dp % jax.process_count():
+        # Every process loads its own rows; processes that hold the same batch slice (the tensor
+        # axis spanning hosts) would feed different rows to what XLA takes as one replicated slice.
+        raise UserError(
+            f"the data-parallel size {dp} (mesh data x fsdp) is not a multiple of the {jax.process_count()} "
+            "processes: keep the mesh's tensor axis within one host (tensor <= devices per process).")
     return global_batch // jax.process_count()
 
 

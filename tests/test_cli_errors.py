@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -93,5 +94,39 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
     rc, err = _train(tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0", "--config.total_steps=4",
                      "--config.ckpt_every=0", "--config.optim.warmup_steps=0", capsys=capsys)
     assert rc == 2
-    assert "The loss became nan" in err and "keeping the last good checkpoint" in err
+    # lr 1e30: the first update blows the weights up; the next step's loss is huge and its gradient inf.
+    assert "The loss became" in err and "(gradient norm inf) at step 2" in err and "no checkpoint saved yet" in err
     assert not (tmp_path / "w" / "checkpoints" / "4").exists()
+
+
+def test_infinite_gradient_under_a_finite_loss_stops_before_it_is_saved(tmp_path, capsys, monkeypatch):
+    # The loss is computed before the update; an inf gradient makes the clipped update NaN while the
+    # logged loss is still finite, and the next checkpoint would keep the NaN params.
+    from train.tasks.supervised import SupervisedTask
+
+    original = SupervisedTask.train_step
+
+    def step_with_inf_gradient(self, state, batch):
+        state, metrics = original(self, state, batch)
+        return state, {**metrics, "grad_norm": jnp.where(state.step >= 2, jnp.inf, metrics["grad_norm"])}
+
+    monkeypatch.setattr(SupervisedTask, "train_step", step_with_inf_gradient)
+    rc, err = _train(tmp_path, "--config.total_steps=4", "--config.ckpt_every=1", "--config.log_every=1",
+                     capsys=capsys)
+    assert rc == 2 and "gradient norm inf) at step 2" in err and "last good checkpoint (step 1)" in err, err
+    assert not (tmp_path / "w" / "checkpoints" / "2").exists()
+
+
+def test_a_tensor_axis_spanning_processes_is_refused(monkeypatch):
+    # 2 processes, mesh (data 1, fsdp 1, tensor 8): both processes would hold the one batch slice
+    # and each would feed it different rows.
+    import jax
+
+    from lvm_jax import sharding
+    from lvm_jax.errors import UserError
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8})
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(UserError, match="keep the mesh's tensor axis within one host"):
+        sharding.check_batch_size(16, mesh)
+    assert sharding.check_batch_size(16, sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})) == 8

@@ -34,3 +34,10 @@ def test_config_builds_its_task_model_and_optimizer(name):
     params = jax.tree_util.tree_leaves(abstract.params)
     assert params and all(x.dtype == jax.numpy.float32 for x in params), name  # float32 master weights
     assert len(jax.tree_util.tree_leaves(shardings.params)) == len(params)  # every parameter is placed
+
+
+def test_a_string_field_keeps_numeric_looking_text():
+    from lvm_jax.config import load_config
+
+    config = load_config(str(ROOT / "configs" / "vit_synthetic.py"), ["data.path=2024", "data.source=synthetic"])
+    assert config.data.path == "2024"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,9 @@ def test_finetune_recipe_with_layer_decay_and_epochs_trains_and_lvm_eval_agrees(
     # 512 train images / batch 16 = 32 steps per epoch: 0.125 epochs = 4 steps, 2 of them warmup.
     config = tiny_supervised_config(**{"optim.layer_decay": 0.75, "total_steps": 0, "total_epochs": 0.125,
                                        "ckpt_every": 0, "eval_every": 0})
+    handler = signal.getsignal(signal.SIGTERM)
     final = train_and_evaluate(config, tmp_path / "w")
+    assert signal.getsignal(signal.SIGTERM) is handler  # a library caller stays terminable
     logged = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in logged)

@@ -45,12 +45,21 @@ class _Preemption:
     def __init__(self):
         self.requested = False
         self.several = jax.process_count() > 1
+        self._previous = None
         if self.several:
             return
         try:
-            signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside some test runners)
             pass
+
+    def __enter__(self) -> "_Preemption":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # A library caller's process must stay terminable by SIGTERM after training returns.
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -98,7 +107,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     config = with_default_index_dir(config, workdir)
     with compile_cache.use(config.get("compile_cache_dir", ""), workdir) as cache_dir:
         compile_cache.start_counting()
-        return _train_and_evaluate(config, workdir, cache_dir)
+        # Installed first: a SIGTERM during setup still ends in a clean save.
+        with _Preemption() as preempt:
+            return _train_and_evaluate(config, workdir, cache_dir, preempt)
 
 
 def with_default_index_dir(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
@@ -118,9 +129,8 @@ def with_default_index_dir(config: ml_collections.ConfigDict, workdir: epath.Pat
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
-                        cache_dir: epath.Path | None) -> dict[str, float]:
+                        cache_dir: epath.Path | None, preempt: _Preemption) -> dict[str, float]:
     is_main = jax.process_index() == 0
-    preempt = _Preemption()  # installed first: a SIGTERM during setup still ends in a clean save
     check_loop_settings(config)
 
     # --- Workdir and mesh --------------------------------------------------------------------
@@ -208,14 +218,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             must_save = step % ckpt_every == 0 or step == total_steps or preempted
             if must_log or must_save:
                 values = _to_float(metrics)
-                if not all(math.isfinite(v) for k, v in values.items() if k == "loss"):
+                # grad_norm too: an inf gradient under a finite loss turns the params NaN (clipping
+                # divides by the norm), and the next checkpoint would keep them.
+                if not all(math.isfinite(v) for k, v in values.items() if k in ("loss", "grad_norm")):
                     checkpointer.wait()
                     if metrics_log is not None:
                         metrics_log.flush()
+                    kept = checkpointer.latest_step()
+                    kept = "(no checkpoint saved yet)" if kept is None else \
+                        f"and keeping the last good checkpoint (step {kept})"
                     raise UserError(
-                        f"The loss became {values.get('loss')} at step {step}; stopping and keeping the last good "
-                        f"checkpoint (step {checkpointer.latest_step()}). Lower config.optim.lr or set "
-                        "config.optim.clip_norm.")
+                        f"The loss became {values.get('loss')} (gradient norm {values.get('grad_norm')}) at step "
+                        f"{step}; stopping {kept}. Lower config.optim.lr or set config.optim.clip_norm.")
                 now = time.perf_counter()
                 values["img_per_s"] = (step - last_step) * int(config.batch_size) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
