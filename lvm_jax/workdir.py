@@ -133,11 +133,18 @@ def local_copy(location: str, what: str) -> Iterator[str]:
 
 def files_to_read(src: epath.Path) -> list[epath.Path]:
     """The files under `src` a weight reader needs: all of them, except that an lvm-train workdir
-    or its checkpoints/ directory gives only the newest `checkpoints/<step>/`."""
+    or its checkpoints/ directory gives only the newest finished `checkpoints/<step>/`.
+
+    Finished: in a bucket orbax writes into `<step>/` itself and marks the end with
+    commit_success.txt, so a run preempted mid-save leaves a newer, unreadable step there.
+    """
+    import orbax.checkpoint as ocp
+
     if not src.is_dir():
         return [src]
     checkpoints = src / "checkpoints" if (src / "checkpoints").is_dir() else src
-    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir())
+    steps = sorted(int(p.name) for p in checkpoints.iterdir()
+                   if p.name.isdigit() and p.is_dir() and ocp.step.is_path_finalized(p))
     if steps:
         src = checkpoints / str(steps[-1])
     files, pending = [], [src]

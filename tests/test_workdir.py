@@ -9,6 +9,7 @@ import os
 import pytest
 
 from lvm_jax import workdir
+from tests.gcs_emulator import BUCKET, bucket, emulator, gcs_in_process  # noqa: F401 (fixtures)
 from lvm_jax.errors import UserError
 
 
@@ -123,3 +124,13 @@ def test_from_a_training_run_only_its_newest_checkpoint_is_copied(tmp_path):
     (converted / "params" / "x" / "y").write_text("1")
     got = [os.fspath(p.relative_to(converted)) for p in workdir.files_to_read(workdir.as_path(converted))]
     assert got == ["model.json", "params/x/y"]
+
+
+def test_from_a_bucket_run_an_unfinished_newest_checkpoint_is_skipped(gcs_in_process):
+    # orbax writes a bucket checkpoint into <step>/ and adds commit_success.txt last: step 12 was
+    # being saved when the run was preempted.
+    for name in ("checkpoints/3/state/a", "checkpoints/3/commit_success.txt", "checkpoints/12/state/b"):
+        gcs_in_process.pipe(f"{BUCKET}/run/{name}", b"x")
+    got = [os.fspath(p.relative_to(workdir.as_path(f"gs://{BUCKET}/run")))
+           for p in workdir.files_to_read(workdir.as_path(f"gs://{BUCKET}/run"))]
+    assert got == ["checkpoints/3/commit_success.txt", "checkpoints/3/state/a"]
