@@ -244,3 +244,32 @@ def test_save_hf_refuses_models_without_an_hf_twin(tmp_path):
     model, variables = convert.load(src)
     with pytest.raises(ConversionError, match="no Hugging Face CLIPModel equivalent"):
         convert.save_hf(model, variables, tmp_path / "out2")
+
+
+def test_hf_pooler_counts_only_without_a_classifier(tmp_path):
+    """transformers' ViTForImageClassification classifies the CLS token without the pooler (it drops
+    pooler weights next to a classifier): import does the same, and export refuses a model whose
+    head sits on a pre-logits layer (HF would silently compute other logits)."""
+    src = fx.write_checkpoint(CASES["hf_vit_pooler"], tmp_path / "pooler")
+    tensors = load_file(str(src / "model.safetensors"))
+    width = tensors["embeddings.cls_token"].shape[-1]
+    rng = np.random.default_rng(0)
+    both, plain = tmp_path / "both", tmp_path / "plain"
+    head = {"classifier.weight": rng.normal(size=(5, width)).astype(np.float32),
+            "classifier.bias": np.zeros(5, np.float32)}
+    for out, keep_pooler in ((both, True), (plain, False)):
+        out.mkdir()
+        save_file({**{k: v for k, v in tensors.items() if keep_pooler or not k.startswith("pooler.")}, **head},
+                  str(out / "model.safetensors"))
+        (out / "config.json").write_text((src / "config.json").read_text())
+    model, variables = convert.load(both)
+    assert model.rep_size is None and model.num_classes == 5
+    _, want = convert.load(plain)
+    assert flatten(variables["params"]).keys() == flatten(want["params"]).keys()
+    pooled, pooled_vars = convert.load(src)
+    assert pooled.rep_size == width  # a headless ViTModel keeps its pooler
+    classifier = pooled.clone(num_classes=5)
+    params = {**pooled_vars["params"], "head": {"kernel": np.zeros((width, 5), np.float32),
+                                                "bias": np.zeros(5, np.float32)}}
+    with pytest.raises(ConversionError, match="classifies the CLS token without a pooler"):
+        convert.save_hf(classifier, {"params": params}, tmp_path / "out")

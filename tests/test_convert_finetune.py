@@ -119,6 +119,16 @@ def test_merge_refuses_silent_architecture_differences(converted):
     params = wider.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)))["params"]
     with pytest.raises(ConversionError, match=r"shape mismatches .*mlp/fc1/kernel \(64, 256\) vs \(64, 192\)"):
         convert.merge_pretrained(params, dst, model=wider, log=lambda message: None)
+    # Parameters the other side lacks (LayerScale, ln_pre, biases): once only named in the log line,
+    # with the blocks then computing another function.
+    assert source.layerscale_init is not None  # DINOv2
+    for change, message in ((dict(layerscale_init=None), "layerscale_init=1.0"),
+                            (dict(pre_norm=not source.pre_norm), f"pre_norm={source.pre_norm}"),
+                            (dict(qkv_bias=not source.qkv_bias), f"qkv_bias={source.qkv_bias}")):
+        other = source.clone(**change)
+        params = other.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)))["params"]
+        with pytest.raises(ConversionError, match=rf"config.model.{message}"):
+            convert.merge_pretrained(params, dst, model=other, log=lambda message: None)
 
 
 def test_load_resizes_the_stored_table_like_the_runtime_resampling(tmp_path):
@@ -141,6 +151,11 @@ def test_big_vision_image_size_uses_its_load_time_zoom(tmp_path):
     want = scipy.ndimage.zoom(table, (1.5, 1.5, 1), order=1).reshape(1, 36, 64)
     np.testing.assert_allclose(variables["params"]["pos_embed"], want, atol=1e-6)
     assert model.apply(variables, fx.images(48, 48))["logits"].shape == (2, 5)
+    # config.init_from=<the .npz itself> resamples as big_vision does too (it used jax bicubic).
+    target = model.clone(num_classes=None)
+    params = target.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 3)))["params"]
+    merged = convert.merge_pretrained(params, src, model=target, log=lambda message: None)
+    np.testing.assert_allclose(np.asarray(nn.meta.unbox(merged)["pos_embed"]), want, atol=1e-6)
 
 
 def test_scan_layers_override_stacks_every_tower(tmp_path):

@@ -97,7 +97,9 @@ def convert_vision(ck: Checkpoint) -> tuple[dict[str, Any], Any, Any]:
         norm_eps=float(cfg.get("layer_norm_eps", 1e-12 if kind == "vit" else 1e-6)),
         ffn="swiglu" if swiglu else "mlp", layerscale_init=None if kind == "vit" else 1.0,
         use_mask_token=f"{p}embeddings.mask_token" in t,
-        rep_size=width if f"{p}pooler.dense.weight" in t else None,
+        # ViTForImageClassification classifies the CLS token without the pooler (transformers drops
+        # pooler weights next to a classifier), so a pooler counts only in a headless ViTModel.
+        rep_size=width if f"{p}pooler.dense.weight" in t and not head else None,
         num_classes=t["classifier.weight"].shape[0] if head else None,
         pos_embed_interp="bicubic_antialias" if kind == "dinov2_with_registers" else "bicubic",
     )
@@ -121,7 +123,8 @@ def convert_vision(ck: Checkpoint) -> tuple[dict[str, Any], Any, Any]:
         return rules
 
     # Dinov2ForImageClassification's head sees [cls, mean(patches)]: not our head; load the backbone.
-    ignore = lambda key: kind != "vit" and key.startswith("classifier.")  # noqa: E731
+    ignore = lambda key: (kind != "vit" and key.startswith("classifier.")) or (  # noqa: E731
+        head and key.startswith(f"{p}pooler."))
     return kwargs, make_rules, ignore
 
 
@@ -349,6 +352,11 @@ def _vit_to_hf(vit, params: dict[str, Any], prefix: str = "") -> tuple[dict[str,
         if vit.rep_size:
             if vit.rep_size != width:
                 raise ConversionError(f"HF ViT's pooler keeps the width ({width}); rep_size={vit.rep_size} differs.")
+            if vit.num_classes:
+                raise ConversionError(
+                    "HF's ViTForImageClassification classifies the CLS token without a pooler, so this model's "
+                    "tanh pre-logits layer (rep_size) has no place there; export it without the head "
+                    "(a ViTModel keeps the pooler) or in the lvm / timm format.")
             sd[f"{p}pooler.dense.weight"] = _t(params["pre_logits"]["kernel"])
             sd[f"{p}pooler.dense.bias"] = params["pre_logits"]["bias"]
         config["architectures"] = ["ViTForImageClassification" if vit.num_classes else "ViTModel"]

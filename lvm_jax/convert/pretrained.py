@@ -139,6 +139,12 @@ def _vit_fields(model: nn.Module | None, tower: str | None) -> ViT | None:
     return model if isinstance(model, ViT) else None
 
 
+# Fields that change what the pretrained weights compute: a mismatch would drop parameters (a
+# LayerScale, ln_pre, a bias, registers) or leave them at their init, which shapes cannot reveal.
+FUNCTION_FIELDS = ("act", "norm_eps", "pre_norm", "final_norm", "fc_norm", "ffn", "qkv_bias", "patch_bias",
+                   "class_token", "num_registers", "pos_embed")
+
+
 def _check_compatible(source: nn.Module, target: nn.Module | None) -> None:
     """Fields the param shapes cannot reveal but that change the function: they must agree."""
     if target is None:
@@ -157,9 +163,14 @@ def _check_compatible(source: nn.Module, target: nn.Module | None) -> None:
         pairs.append(("config.model.vision", source, tgt_vit))
     problems = []
     for where, src, tgt in pairs:
-        for field in ("act", "norm_eps"):
+        for field in FUNCTION_FIELDS:
+            if not (hasattr(src, field) and hasattr(tgt, field)):
+                continue  # a text tower has no ViT-only fields
             if getattr(src, field) != getattr(tgt, field):
                 problems.append(f"{where}.{field}={getattr(src, field)!r}")
+        # The LayerScale value is a parameter (loaded); whether the blocks have one is not.
+        if hasattr(src, "layerscale_init") and (src.layerscale_init is None) != (tgt.layerscale_init is None):
+            problems.append(f"{where}.layerscale_init={'None' if src.layerscale_init is None else '1.0'}")
     if problems:
         raise ConversionError("The checkpoint was trained with " + ", ".join(problems) + " but the model to "
                               "fine-tune differs; set those fields so the pretrained weights compute what they "
@@ -228,7 +239,8 @@ def merge_pretrained(params: Any, path: str | pathlib.Path, *, model: nn.Module 
     classification heads of another size keep their init; any other shape
     difference raises one ConversionError listing them.
     """
-    from lvm_jax.convert import load
+    from lvm_jax.convert import detect_format, from_checkpoint
+    from lvm_jax.convert.readers import read_checkpoint
 
     if log is None:
         log = print if jax.process_index() == 0 else (lambda message: None)
@@ -236,8 +248,11 @@ def merge_pretrained(params: Any, path: str | pathlib.Path, *, model: nn.Module 
         source_model, variables, spec = load_converted(path)
         fmt = spec.get("format")
     else:
-        source_model, variables = load(path)
-        fmt = None
+        # The format decides how a position table is resampled (big_vision's own zoom for its .npz),
+        # as it does for the same file after lvm-convert.
+        ck = read_checkpoint(path)
+        fmt = detect_format(ck)
+        source_model, variables = from_checkpoint(ck, fmt)
     _check_compatible(source_model, model)
     src = unstack_blocks(dict(variables["params"]))
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
