@@ -1,9 +1,10 @@
 """OpenAI CLIP and open_clip checkpoints (state-dict .pt/.bin/.safetensors, OpenAI's TorchScript .pt,
 or an open_clip hub folder with open_clip_config.json).
 
-The shapes give every size. Heads: open_clip_config.json (vision width //
-head_width, text heads) when present, else OpenAI's rule (width // 64, with
-the usual exceptions, see infer.default_num_heads). Activation: OpenAI weights
+The shapes give every size. Heads: with open_clip_config.json, vision width //
+head_width and text heads, defaulting as open_clip does (head_width 64, heads
+8); a bare state dict gets OpenAI's rule (width // 64, with the usual
+exceptions, see infer.default_num_heads). Activation: OpenAI weights
 use QuickGELU -- taken from open_clip_config.json's "quick_gelu", from a
 TorchScript archive (only OpenAI ships those), or from 'openai' / 'quickgelu'
 in the file name; otherwise exact GELU. Pass act=... when in doubt. Position
@@ -19,6 +20,8 @@ from lvm_jax.convert.core import (
     ConversionError, Rule, attention_rules, conv, count_indexed, dense_rules, norm_rules, require)
 from lvm_jax.convert.readers import Checkpoint
 
+# open_clip's defaults (CLIPVisionCfg.head_width, CLIPTextCfg.heads) for configs that leave them out.
+_HEAD_WIDTH, _TEXT_HEADS = 64, 8
 # Scalars OpenAI's state dicts carry besides the weights.
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 _SUPPORTED_VISION = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "pool_type",
@@ -85,7 +88,9 @@ def convert(ck: Checkpoint) -> tuple[dict[str, Any], Any, Any]:
     vwidth, patch = conv1.shape[0], tuple(conv1.shape[2:])
     grid, _ = infer.patch_grid(t["visual.positional_embedding"].shape[0], (1,), vcfg.get("image_size"), patch,
                                ck.source)
-    vheads = vwidth // vcfg["head_width"] if "head_width" in vcfg else infer.default_num_heads(vwidth)
+    # A config that omits head_width / heads relies on open_clip's CLIPVisionCfg / CLIPTextCfg defaults;
+    # only a bare state dict (no config at all) falls back to the width rule.
+    vheads = vwidth // int(vcfg.get("head_width") or _HEAD_WIDTH) if model_cfg else infer.default_num_heads(vwidth)
     pool = vcfg.get("pool_type", "tok")
     if pool not in ("tok", "avg"):
         raise ConversionError(f"{ck.source}: open_clip vision pool_type {pool!r} is not supported (tok, avg).")
@@ -112,7 +117,7 @@ def convert(ck: Checkpoint) -> tuple[dict[str, Any], Any, Any]:
     text = dict(
         vocab_size=t["token_embedding.weight"].shape[0], context_length=t["positional_embedding"].shape[0],
         width=twidth, depth=count_indexed(t, r"transformer\.resblocks\.(\d+)\."),
-        num_heads=int(tcfg.get("heads") or infer.default_num_heads(twidth)),
+        num_heads=int(tcfg.get("heads") or _TEXT_HEADS) if model_cfg else infer.default_num_heads(twidth),
         mlp_dim=t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=_act(tcfg, quick),
         norm_eps=float((tcfg.get("norm_kwargs") or {}).get("eps", 1e-5)), causal=not tcfg.get("no_causal_mask"),
         pool=text_pools[tpool],
