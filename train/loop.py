@@ -16,9 +16,9 @@ from typing import Any
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lvm_jax import compile_cache
