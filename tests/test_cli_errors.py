@@ -29,6 +29,8 @@ def _train(tmp_path, *overrides, capsys):
     (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0 must be >= 1"),
     (["--config.log_every=0"], "config.log_every=0 must be >= 1"),
     (["--config.total_steps=-5"], "config.total_steps=-5 must be >= 0"),
+    # 16 rows in micro-batches of 4 over 8 data-parallel devices: each micro-batch would be resharded.
+    (["--config.optim.grad_accum=4"], "config.optim.grad_accum=4 must split config.batch_size=16"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, overrides, message):
     rc, err = _train(tmp_path, *overrides, capsys=capsys)

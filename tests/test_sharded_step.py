@@ -35,11 +35,14 @@ def _one_step(mesh_shape, config):
     return state, jax.device_get(metrics), mesh
 
 
+# width 64 / mlp 128 / 4 heads: every sharded dimension divides 8, 4 and 2.
+OVERRIDES = {"model.width": 64, "model.mlp_dim": 128, "model.num_heads": 4,
+             "optim.clip_norm": 1.0, "optim.weight_decay": 0.05}
+
+
 @pytest.fixture(scope="module")
 def config():
-    # width 64 / mlp 128 / 4 heads: every sharded dimension divides 8, 4 and 2.
-    return tiny_supervised_config(**{"model.width": 64, "model.mlp_dim": 128, "model.num_heads": 4,
-                                     "optim.clip_norm": 1.0, "optim.weight_decay": 0.05})
+    return tiny_supervised_config(**OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,16 @@ def reference(config):
         pytest.skip("needs 8 (simulated) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     state, metrics, _ = _one_step((1, 1, 1), config)
     return jax.device_get(state.params), metrics
+
+
+def test_gradient_accumulation_on_a_sharded_batch_matches_the_full_batch(config, reference):
+    """grad_accum=2 over 8 data-parallel devices: the same two updates as one full-batch step (no dropout)."""
+    ref_params, ref_metrics = reference
+    accum = tiny_supervised_config(**OVERRIDES, **{"optim.grad_accum": 2})
+    state, metrics, _ = _one_step((8, 1, 1), accum)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    for r, x in zip(jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+        np.testing.assert_allclose(x, r, rtol=0, atol=1e-5 * max(np.abs(r).max(), 1e-3))
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])

@@ -74,7 +74,7 @@ from lvm_jax.objectives import contrastive
 from lvm_jax.optim import build_optimizer, path_str
 from train.state import TrainState
 from train.tasks.base import Task
-from train.tasks.common import DTYPES
+from train.tasks.common import DTYPES, grad_accum_steps
 
 # The image-caption sources live in lvm_jax/data/captions.py under other module names,
 # so the by-name auto-import of build_source cannot find them; register them here.
@@ -227,12 +227,7 @@ class ClipTask(Task):
         self.ring = bool(config.get("ring_loss", False))
         if self.ring and self.loss_kind != "sigmoid":
             raise UserError("config.ring_loss=True needs config.loss='sigmoid'; the ring is a SigLIP loss.")
-        self.grad_accum = int(config.optim.get("grad_accum", 1) or 1)
-        dp = sharding.data_parallel_size(mesh)
-        if self.grad_accum < 1 or int(config.batch_size) % (self.grad_accum * dp):
-            raise UserError(f"config.optim.grad_accum={self.grad_accum} must split config.batch_size="
-                            f"{config.batch_size} into micro-batches divisible by the data-parallel size {dp}; "
-                            f"use a batch size that is a multiple of {max(self.grad_accum, 1) * dp}.")
+        self.grad_accum = grad_accum_steps(config, mesh)
         if self.loss_kind == "sigmoid" and config.model.get("init_logit_bias", None) is None:
             raise UserError("config.loss='sigmoid' needs a learnable logit bias; set config.model.init_logit_bias "
                             "(SigLIP: -10, with config.model.init_logit_scale=2.302585, i.e. ln 10).")

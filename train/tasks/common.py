@@ -35,6 +35,24 @@ def build_vit(model_cfg: ml_collections.ConfigDict, **overrides: Any) -> ViT:
     return ViT(**kwargs)
 
 
+def grad_accum_steps(config: ml_collections.ConfigDict, mesh) -> int:
+    """`config.optim.grad_accum`, checked: every micro-batch must split evenly over the data-parallel devices.
+
+    accumulate_gradients takes rows i, i+k, ... into micro-batch i; with B % (k * dp) == 0 each device
+    then forms its micro-batches from its own rows. Otherwise XLA reshards every micro-batch (correct
+    numbers, a hidden all-to-all per micro-batch), so it is refused.
+    """
+    from lvm_jax import sharding
+
+    k = int(config.optim.get("grad_accum", 1) or 1)
+    dp = sharding.data_parallel_size(mesh)
+    if k < 1 or int(config.batch_size) % (k * dp):
+        raise UserError(f"config.optim.grad_accum={k} must split config.batch_size={config.batch_size} into "
+                        f"micro-batches divisible by the data-parallel size {dp}; use a batch size that is a "
+                        f"multiple of {max(k, 1) * dp}.")
+    return k
+
+
 def accumulate_gradients(loss_fn: Callable[[Any, dict], tuple[jax.Array, dict]], params: Any,
                          batch: dict[str, jax.Array], steps: int) -> tuple[Any, tuple[jax.Array, dict]]:
     """Mean gradient of `loss_fn(params, micro_batch)` over `steps` micro-batches of `batch`.

@@ -15,7 +15,7 @@ from lvm_jax.models import ViT
 from lvm_jax.optim import build_optimizer
 from train.state import TrainState
 from train.tasks.base import Task
-from train.tasks.common import accumulate_gradients, build_vit, topk_correct
+from train.tasks.common import accumulate_gradients, build_vit, grad_accum_steps, topk_correct
 
 
 class SupervisedTask(Task):
@@ -26,6 +26,7 @@ class SupervisedTask(Task):
         self._eval_source = None
         self._eval_step = None
         self.total_steps = int(config.get("total_steps") or 1)
+        self.grad_accum = grad_accum_steps(config, mesh)
 
     # --- data ---------------------------------------------------------------------------------
     @property
@@ -76,7 +77,7 @@ class SupervisedTask(Task):
 
         grads, (loss, aux) = accumulate_gradients(
             loss_fn, state.params, {"image": images, "target": targets},
-            int(self.config.optim.get("grad_accum", 1)))
+            self.grad_accum)
         new_state = state.apply_gradients(grads)
         metrics = {"loss": loss, "top1": aux["top1"], "lr": self.schedule(state.step),
                    "grad_norm": optax.tree.norm(grads)}
