@@ -273,3 +273,78 @@ def test_hf_pooler_counts_only_without_a_classifier(tmp_path):
                                                 "bias": np.zeros(5, np.float32)}}
     with pytest.raises(ConversionError, match="classifies the CLS token without a pooler"):
         convert.save_hf(classifier, {"params": params}, tmp_path / "out")
+
+
+def test_an_override_that_removes_weights_the_checkpoint_has_is_a_conversion_error(tmp_path):
+    """Was a bare AssertionError ('converter rule targets ...') from assemble."""
+    src = fx.write_checkpoint(CASES["hf_clip"], tmp_path / "clip")
+    with pytest.raises(ConversionError) as info:
+        convert.load(src, vision=dict(pre_norm=False))
+    message = str(info.value)
+    assert "has weights for image_tower/norm_pre (vision_model.pre_layrnorm.bias" in message
+    assert ("the override vision=dict(pre_norm=False) removes it from the model; drop the override or set it "
+            "to match the checkpoint (vision=dict(pre_norm=True)).") in message
+    src = fx.write_checkpoint(CASES["dinov2_hub"], tmp_path / "d")
+    with pytest.raises(ConversionError, match=r"has weights for norm \(norm.bias, norm.weight\), but the override "
+                                              r"final_norm=False removes it .* \(final_norm=True\)\.$"):
+        convert.load(src, num_heads=2, final_norm=False)
+    convert.load(src, num_heads=2)  # without the override it loads
+
+
+def test_a_rule_for_a_param_no_model_has_stays_an_internal_error(tmp_path, monkeypatch):
+    """A converter bug (no override involved) is not blamed on the user."""
+    from lvm_jax.convert import dinov2
+
+    real = dinov2.convert
+
+    def buggy(ck):
+        kwargs, make_rules, ignore = real(ck)
+        return kwargs, lambda kw: [*make_rules(kw), ("no_such/param", "norm.weight", None)], ignore
+
+    monkeypatch.setattr(dinov2, "convert", buggy)
+    src = fx.write_checkpoint(CASES["dinov2_hub"], tmp_path / "d")
+    with pytest.raises(AssertionError, match=r"no_such/param") as info:
+        convert.load(src, num_heads=2)
+    assert not isinstance(info.value, ConversionError)
+    with pytest.raises(AssertionError, match=r"no_such/param"):  # an unrelated override is not blamed either
+        convert.load(src, num_heads=2, final_norm=True)
+
+
+def _timm_with_act_layer(tmp_path, act_layer):
+    src = fx.write_checkpoint(CASES["timm_clip_quickgelu_head"], tmp_path / str(act_layer))
+    config = json.loads((src / "config.json").read_text())
+    config["model_args"]["act_layer"] = act_layer
+    (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+def test_timm_act_layer_names_map_as_timm_reads_them_and_unknown_ones_are_refused(tmp_path):
+    for act_layer, act in (("swish", "silu"), ("GELU_TANH", "gelu_tanh"), ("quick_gelu", "quick_gelu")):
+        model, _ = convert.load(_timm_with_act_layer(tmp_path, act_layer))
+        assert model.act == act, act_layer
+    src = _timm_with_act_layer(tmp_path, "mish")
+    for overrides in ({}, {"act": "gelu"}):  # no override can stand in for another activation
+        with pytest.raises(ConversionError, match=r"act_layer='mish' has no equivalent in lvm_jax's ViT; supported: "
+                                                  r"\['gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu', 'swish'\]"):
+            convert.load(src, **overrides)
+
+
+def test_hf_dinov2_classifier_head_is_logged_as_not_loaded(tmp_path, caplog):
+    src = fx.write_checkpoint(CASES["hf_dinov2_swiglu"], tmp_path / "src")
+    tensors = {"dinov2." + k: v for k, v in load_file(str(src / "model.safetensors")).items()}
+    width = tensors["dinov2.embeddings.cls_token"].shape[-1]
+    tensors |= {"classifier.weight": np.zeros((5, 2 * width), np.float32), "classifier.bias": np.zeros(5, np.float32)}
+    out = tmp_path / "cls"
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "architectures": ["Dinov2ForImageClassification"]}))
+    with caplog.at_level("WARNING", logger="lvm_jax.convert.hf"):
+        model, variables = convert.load(out)
+    assert model.num_classes is None and "head" not in variables["params"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lvm_jax.convert.hf"]
+    assert len(lines) == 1 and "dinov2 classifier head (classifier.*, 5 classes" in lines[0]
+    assert "not loaded" in lines[0] and "only the backbone is returned" in lines[0]
+    caplog.clear()
+    convert.load(src)  # a headless Dinov2Model logs nothing
+    assert not [r for r in caplog.records if r.name == "lvm_jax.convert.hf"]

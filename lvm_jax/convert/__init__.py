@@ -23,6 +23,7 @@ checkpoint for `config.init_from`; `merge_pretrained` is what a task calls.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -31,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvm_jax.convert import big_vision, dinov2, hf, infer, openclip, timm
-from lvm_jax.convert.core import ConversionError, assemble, expected_params, stack_blocks
+from lvm_jax.convert.core import (
+    ConversionError, StrayRuleError, _listing, assemble, expected_params, stack_blocks)
 from lvm_jax.convert.readers import Checkpoint, read_checkpoint
 from lvm_jax.models.clip import CLIP, DEFAULT_VISION
 from lvm_jax.models.pos_embed import resample_pos_embed
@@ -93,19 +95,24 @@ def from_checkpoint(ck: Checkpoint, format: str | None = None,
     else:
         kwargs, make_rules, ignore, family = big_vision.convert(ck)
 
-    overrides = dict(overrides)
+    overrides, inferred = dict(overrides), kwargs
     if family == "clip":
+        cls, nested = CLIP, ("vision", "text")
         overrides = infer.split_tower_overrides(overrides)
         new_size = (overrides.get("vision") or {}).pop("image_size", None)
-        kwargs = infer.apply_overrides(CLIP, kwargs, overrides, nested=("vision", "text"))
+        kwargs = infer.apply_overrides(CLIP, kwargs, overrides, nested=nested)
         model = CLIP(**kwargs)
         what = f"CLIP ({_describe(kwargs['vision'])}; text {_describe(kwargs['text'])})"
     else:
+        cls, nested = ViT, ()
         new_size = overrides.pop("image_size", None)
         kwargs = infer.apply_overrides(ViT, kwargs, overrides)
         model = ViT(**kwargs)
         what = f"ViT ({_describe(kwargs)})"
-    params = _assemble(model, make_rules(kwargs), ck, ignore, f"{fmt} {what}")
+    try:
+        params = _assemble(model, make_rules(kwargs), ck, ignore, f"{fmt} {what}")
+    except StrayRuleError as error:
+        raise _override_removed(error, ck.source, cls, inferred, overrides, nested) from None
     if new_size is not None:
         model, params = _resize(model, params, new_size, big_vision_style=fmt == "big_vision")
     return model, {"params": params}
@@ -153,6 +160,61 @@ def dummy_inputs(model: nn.Module) -> tuple[Any, ...]:
         return (jnp.zeros((1, height, width, 3), jnp.float32), jnp.zeros((1, context), jnp.int32))
     height, width = _image_shape({"image_size": model.image_size})
     return (jnp.zeros((1, height, width, 3), jnp.float32),)
+
+
+def _override_removed(error: StrayRuleError, source: str, cls: type, inferred: dict[str, Any],
+                      overrides: dict[str, Any], nested: tuple[str, ...]) -> Exception:
+    """A ConversionError naming the override(s) that removed params the checkpoint has weights for;
+    `error` itself (a converter bug) when dropping the overrides does not bring those params back."""
+    paths: list[tuple[str, ...]] = []  # ('final_norm',) or ('vision', 'pre_norm')
+    for key, v in overrides.items():
+        paths += [(key, sub) for sub in v] if key in nested and isinstance(v, Mapping) else [(key,)]
+
+    def value(where: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+        return where[path[0]] if len(path) == 1 else where[path[0]][path[1]]
+
+    def without(drop: list[tuple[str, ...]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for path in paths:
+            if path not in drop:
+                if len(path) == 1:
+                    out[path[0]] = value(overrides, path)
+                else:
+                    out.setdefault(path[0], {})[path[1]] = value(overrides, path)
+        return out
+
+    def restored(drop: list[tuple[str, ...]]) -> nn.Module | None:
+        try:
+            model = cls(**infer.apply_overrides(cls, inferred, without(drop), nested=nested))
+            flat = unscanned(model)
+            expected = expected_params(flat, *dummy_inputs(flat))
+        except Exception:  # without that override the model cannot even be built
+            return None
+        return model if set(error.targets) <= set(expected) else None
+
+    culprits = [(p, m) for p in paths if (m := restored([p])) is not None]
+    if not culprits and paths and (m := restored(paths)) is not None:
+        culprits = [(p, m) for p in paths]
+    if not culprits:
+        return error
+
+    def show(path: tuple[str, ...], v: Any) -> str:
+        return f"{path[0]}={v!r}" if len(path) == 1 else f"{path[0]}=dict({path[1]}={v!r})"
+
+    def checkpoint_value(model: nn.Module, path: tuple[str, ...]) -> Any:
+        if len(path) == 1:
+            return getattr(model, path[0], None)
+        fields = _vision_fields(model) if path[0] == "vision" else dict(getattr(model, path[0]) or {})
+        return fields.get(path[1])
+
+    given = ", ".join(show(p, value(overrides, p)) for p, _ in culprits)
+    wanted = [show(p, checkpoint_value(m, p)) for p, m in culprits if checkpoint_value(m, p) is not None]
+    keys = sorted({k for srcs in error.targets.values() for k in srcs})
+    groups = list(dict.fromkeys(t.rsplit("/", 1)[0] for t in error.targets))
+    return ConversionError(
+        f"{source} has weights for {_listing(groups, 6)} ({_listing(keys, 6)}), but the override "
+        f"{given} removes {'it' if len(groups) == 1 else 'them'} from the model; drop the override"
+        + (f" or set it to match the checkpoint ({', '.join(wanted)})." if wanted else "."))
 
 
 def _assemble(model: nn.Module, rules: list, ck: Checkpoint, ignore: Any, what: str) -> dict[str, Any]:

@@ -31,6 +31,19 @@ class ConversionError(UserError):
     """A checkpoint that cannot be mapped onto the model (wrong architecture, missing keys, shapes)."""
 
 
+class StrayRuleError(AssertionError):
+    """Rules produce params the model does not have, from keys the checkpoint does have.
+
+    A converter bug, unless a user override removed those params from the model (e.g.
+    final_norm=False on a checkpoint with a final norm): `from_checkpoint` tells the two apart
+    and turns the second into a ConversionError. `targets`: {model param: its source keys}.
+    """
+
+    def __init__(self, targets: dict[str, tuple[str, ...]], what: str):
+        self.targets = targets
+        super().__init__(f"converter rules target [{_listing(list(targets))}], which the {what} does not have")
+
+
 # --- trees -------------------------------------------------------------------------------------
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -211,13 +224,14 @@ def assemble(rules: Iterable[Rule], tensors: Mapping[str, Any], expected: Mappin
 
     Raises one ConversionError naming every missing key, every key no rule used
     (unless `ignore(key)`), every shape mismatch, and every model param no rule
-    produced.
+    produced. Rules whose target the model lacks raise StrayRuleError instead.
     """
     missing: dict[str, None] = {}
     mismatched: list[str] = []
     produced: dict[str, Any] = {}
     attempted: set[str] = set()
     used: set[str] = set()
+    stray: dict[str, tuple[str, ...]] = {}
     for dst, src, fn in rules:
         srcs = (src,) if isinstance(src, str) else tuple(src)
         attempted.add(dst)
@@ -228,7 +242,8 @@ def assemble(rules: Iterable[Rule], tensors: Mapping[str, Any], expected: Mappin
             continue
         want = expected.get(dst)
         if want is None:
-            raise AssertionError(f"converter rule targets {dst!r}, which the {what} does not have")
+            stray[dst] = srcs
+            continue
         shapes = " + ".join(f"{s} {tuple(tensors[s].shape)}" for s in srcs)
         try:
             value = _apply(fn, [tensors[s] for s in srcs])
@@ -239,6 +254,8 @@ def assemble(rules: Iterable[Rule], tensors: Mapping[str, Any], expected: Mappin
             mismatched.append(f"{shapes} -> {dst} needs {tuple(want.shape)}")
             continue
         produced[dst] = _cast(value, want.dtype)
+    if stray:
+        raise StrayRuleError(stray, what)
     unexpected = sorted(k for k in tensors if k not in used and not ignore(k))
     uncovered = sorted(set(expected) - attempted)
     if missing or unexpected or mismatched or uncovered:

@@ -9,6 +9,7 @@ bicubic without antialiasing, except Dinov2WithRegisters (antialiased).
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -23,6 +24,8 @@ from lvm_jax.convert.readers import Checkpoint
 VISION_TYPES = ("vit", "dinov2", "dinov2_with_registers")
 CLIP_TYPES = ("clip", "siglip")
 MODEL_TYPES = VISION_TYPES + CLIP_TYPES
+
+log = logging.getLogger(__name__)
 
 
 def detect(ck: Checkpoint) -> bool:
@@ -123,6 +126,10 @@ def convert_vision(ck: Checkpoint) -> tuple[dict[str, Any], Any, Any]:
         return rules
 
     # Dinov2ForImageClassification's head sees [cls, mean(patches)]: not our head; load the backbone.
+    if kind != "vit" and "classifier.weight" in t:
+        log.warning("%s: the %s classifier head (classifier.*, %d classes on [cls, mean(patch tokens)]) was "
+                    "not loaded; lvm_jax's ViT has no such head, so only the backbone is returned.", ck.source,
+                    kind, t["classifier.weight"].shape[0])
     ignore = lambda key: (kind != "vit" and key.startswith("classifier.")) or (  # noqa: E731
         head and key.startswith(f"{p}pooler."))
     return kwargs, make_rules, ignore

@@ -26,7 +26,9 @@ from lvm_jax.convert.readers import Checkpoint
 
 VIT_PREFIXES = ("vit_", "deit_", "deit3_", "flexivit_")  # names of timm's VisionTransformer models
 _POOLS = {"token": "cls", "avg": "gap", "map": "map", "": "none"}
-_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu", "relu": "relu"}
+# timm act_layer names (timm lowercases them) -> our ViT's `act`; '' is no layer, for which timm's ViT uses GELU.
+_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu",
+         "relu": "relu", "": "gelu"}
 # `vit_*` families timm builds from classes other than VisionTransformer (eva.py: Perception Encoder, RoPE,
 # DINOv3, sapiens, lingbot, MCi; hybrid CNN stems; relpos; deit's distilled twin). Consulted only for names
 # missing from the generated table (another timm version); the generator checks it covers timm's own.
@@ -95,10 +97,11 @@ def resolve_defaults(name: str, width: int, args: Mapping[str, Any],
 
     act = args.get("act_layer")
     if act is not None:
-        if str(act) in _ACTS:
-            out["act"] = _ACTS[str(act)]
-        else:
-            ask["act"] = f"timm act_layer {act!r} has no ViT equivalent (supported: {sorted(_ACTS)})"
+        if not isinstance(act, str) or act.lower() not in _ACTS:
+            # No `act` override can stand in for another activation: refuse instead of asking for one.
+            raise ConversionError(f"{source}: config.json model_args act_layer={act!r} has no equivalent in "
+                                  f"lvm_jax's ViT; supported: {sorted(k for k in _ACTS if k)}.")
+        out["act"] = _ACTS[act.lower()]
     elif "act" in table or known or "siglip" not in name:
         out["act"] = table.get("act", guess["act"])
     else:
