@@ -35,6 +35,18 @@ class Checkpointer:
             },
         )
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # An error after an async save started (a failing eval, a data error) would end the process
+        # with the write half done and the step lost: let it commit first. Never mask the error.
+        if exc_type is not None:
+            try:
+                self.manager.wait_until_finished()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

@@ -7,7 +7,7 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-from lvm_jax.errors import UserError
+from lvm_jax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 _OUR_PACKAGES = (str(pathlib.Path(__file__).resolve().parent), str(pathlib.Path(__file__).resolve().parents[1] / "train"))
 
@@ -32,6 +32,8 @@ def _raised_by_us(error: BaseException) -> bool:
 def run_cli(fn: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
     """Runs `fn(argv)`; a `UserError` (or a missing file) prints `error: ...` and exits 2.
 
+    A `Preempted` run (SIGTERM, checkpoint saved) prints where it stopped and exits 143.
+
     Set LVM_DEBUG=1 to get the full traceback instead. The host allocator is set
     first (lvm_jax/host_memory.py: $LVM_JAX_HOST_MALLOC, default 'retain').
     """
@@ -46,6 +48,9 @@ def run_cli(fn: Callable[[list[str]], int], argv: list[str] | None = None) -> in
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -364,7 +364,7 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, monkeypatch):
     killed_at = _checkpoints(broken)[-1]
     logged = len(_steps_logged(broken))
     rc = resume._run_until(broken, lambda: len(_steps_logged(broken)) >= logged + 2, signal.SIGTERM)
-    assert rc == 0
+    assert rc == resume.PREEMPTED_EXIT_CODE
     assert _checkpoints(broken)[-1] > killed_at
     resume._run(broken)
 

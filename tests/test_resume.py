@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from lvm_jax.errors import PREEMPTED_EXIT_CODE
 from tests.helpers import ROOT
 
 CONFIG = "tests/configs/tiny_vit.py"
@@ -75,10 +76,10 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     rc = _run_until(broken, lambda: bool(_checkpoints(broken)), signal.SIGKILL)
     assert rc == -signal.SIGKILL
     killed_at = _checkpoints(broken)[-1]
-    # SIGTERM after the resumed run made progress: it saves and exits 0.
+    # SIGTERM after the resumed run made progress: it saves and exits 143 (unfinished, retry me).
     logged = len(_steps_logged(broken))
     rc = _run_until(broken, lambda: len(_steps_logged(broken)) >= logged + 2, signal.SIGTERM)
-    assert rc == 0
+    assert rc == PREEMPTED_EXIT_CODE
     assert _checkpoints(broken)[-1] > killed_at
     _run(broken)
 
@@ -97,7 +98,7 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_one_checkpoint_everywhere(tmp_path):
-    """A preemption notice reaching one host only: both processes agree on a step, save it, exit 0.
+    """A preemption notice reaching one host only: both processes agree on a step, save it, exit 143.
 
     Each process once acted on its own SIGTERM: the signalled one waited at orbax's save barrier
     while the other waited in the next step's collectives, and neither ever finished.
@@ -124,10 +125,12 @@ def test_sigterm_to_one_of_two_processes_saves_one_checkpoint_everywhere(tmp_pat
         assert all(p.poll() is None for p in procs), tails()
         procs[1].send_signal(signal.SIGTERM)  # the notice reaches process 1 only
         codes = [p.wait(timeout=180) for p in procs]
-        assert codes == [0, 0], tails()
+        assert codes == [PREEMPTED_EXIT_CODE] * 2, tails()
     finally:
         for p in procs:
             p.kill()
     saved = _checkpoints(workdir)
     assert len(saved) == 1 and 3 <= saved[0] < 100000, saved
     assert _steps_logged(workdir)[-1] == saved[0]  # the log ends at the saved step
+    for log in logs:  # each process says where it stopped and how to go on
+        assert f"preempted (SIGTERM): saved the checkpoint of step {saved[0]}/100000" in log.read_text()

@@ -27,12 +27,12 @@ from lvm_jax import sharding
 from lvm_jax import workdir as run_dir
 from lvm_jax.checkpoint import Checkpointer
 from lvm_jax.config import config_to_json
-from lvm_jax.errors import UserError
+from lvm_jax.errors import Preempted, UserError
 from train.tasks import get_task
 
 
 class _Preemption:
-    """SIGTERM -> save a checkpoint, then exit 0; `reached(step)` is checked after every step.
+    """SIGTERM -> save a checkpoint, then stop (`Preempted`); `reached(step)` is checked after every step.
 
     One process: a Python handler sets a flag. Several processes: the signal may reach one
     host only, or the hosts at different steps, and a host that stopped to save alone would
@@ -100,6 +100,9 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> in
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) training in `workdir` (a local path or gs:// URL); returns the final eval metrics.
 
+    A SIGTERM before the last step saves a checkpoint and raises `lvm_jax.errors.Preempted`
+    (lvm-train exits 143): the run is not finished, and calling this again resumes it.
+
     Compiled programs are kept in XLA's persistent cache (config.compile_cache_dir,
     default `workdir/compile_cache`): rerunning the command loads them instead of compiling.
     """
@@ -160,8 +163,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     # sharding constraints on its 2-D temporary kernel).
     abstract, state_shardings = abstract_state(task, mesh, rng)
     state = None
-    with sharding.mesh_context(mesh):
-        checkpointer = Checkpointer(workdir / "checkpoints", keep=int(config.get("keep_checkpoints", 3)))
+    with sharding.mesh_context(mesh), \
+            Checkpointer(workdir / "checkpoints", keep=int(config.get("keep_checkpoints", 3))) as checkpointer:
         start_step = checkpointer.latest_step()
         if start_step is None:
             state = create_state(task, state_shardings, rng)
@@ -201,7 +204,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc=f"{task.name}",
                    unit="step", dynamic_ncols=True)
         last_time, last_step = time.perf_counter(), start_step
-        last_saved = start_step
+        preempted_at = None
         batch = first
         step = start_step
         while step < total_steps:
@@ -241,17 +244,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                             warned.add(kind)
                             tqdm.write(f"warning (step {step}): {warning}")
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
-            if step % eval_every == 0 or step == total_steps:
-                eval_metrics = run_eval(step)
+            # Save before the eval: an eval that fails (OOM, a bad image) then costs no training, the
+            # eval overlaps the asynchronous write, and a preempted run spends its grace period saving.
             if must_save:
                 checkpointer.save(step, state, train_iter, force=True)
-                last_saved = step
                 if metrics_log is not None:
                     metrics_log.flush()
-            if preempt.requested:
-                if is_main:
-                    tqdm.write(f"SIGTERM: saved checkpoint at step {last_saved}; exiting.")
+            if preempted and step < total_steps:
+                preempted_at = step
                 break
+            if step % eval_every == 0 or step == total_steps:
+                eval_metrics = run_eval(step)
         bar.close()
         checkpointer.close()
         if is_main:
@@ -264,6 +267,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
     if is_main and metrics_log.records:
         _plot_history(workdir, metrics_log.records)
+    if preempted_at is not None:
+        raise Preempted(preempted_at, total_steps, str(checkpointer.directory))
     return eval_metrics
 
 
