@@ -381,3 +381,34 @@ def test_tfds_missing_data_set_says_how_to_prepare(tmp_path):
     build_source(cfg, "train")
   with pytest.raises(ValueError, match="data.name is empty"):
     build_source(data_config(source="tfds", name=""), "train")
+
+
+def test_a_process_whose_eval_records_all_fail_to_decode_yields_padding_batches(tmp_path, monkeypatch):
+  """decode_errors='skip' can leave a process with no eval batch at all; it must still join every one.
+
+  It once took the batch layout from its own first batch and crashed (None.items()), while the
+  other hosts waited in the collective eval.
+  """
+  import jax
+
+  from lvm_jax import sharding
+  from tests.helpers import tiny_supervised_config
+  from train.tasks import get_task
+
+  make_folder(str(tmp_path / "train"), {"a": 3}, np.random.default_rng(4), corrupt="a/broken.jpg")
+  make_folder(str(tmp_path / "val"), {"a": 1}, np.random.default_rng(5))
+  source = build_image_folder(str(tmp_path), "train")
+  assert len(source) == 4  # one record per process below
+  config = tiny_supervised_config(**{"data.source": "folder", "data.path": str(tmp_path), "data.decode_errors": "skip"})
+  task = get_task(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+  # As the process of 4 whose only record is the broken file; the global arrays are not built here.
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  monkeypatch.setattr(jax, "process_index", lambda: source.paths.index(str(tmp_path / "train" / "a" / "broken.jpg")))
+  monkeypatch.setattr(sharding, "check_batch_size", lambda global_batch, mesh, what="": global_batch // 4)
+  monkeypatch.setattr(sharding, "host_to_global", lambda batch, mesh: batch)
+  ops = supervised_transforms(config.data, train=False)
+  batches = list(task.eval_batches(source, ops, global_batch=32, keys=("image", "label")))
+  assert len(batches) == 1  # ceil(4 records / 4 processes / 8 rows), the same on every process
+  (batch,) = batches
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
+  assert not batch["valid"].any()

@@ -76,11 +76,20 @@ class Task:
         """
         global_batch = global_batch or int(self.config.get("eval_batch_size", self.config.batch_size))
         local_batch = sharding.check_batch_size(global_batch, self.mesh, "config.eval_batch_size")
+        options = {**lvm_data.loader_options(self.config.data),
+                   "worker_count": int(self.config.data.get("eval_worker_count", 0))}
         loader = lvm_data.make_loader(
             source, transforms, batch_size=local_batch, shuffle=False, seed=0, num_epochs=1,
-            shard_index=jax.process_index(), shard_count=jax.process_count(),
-            drop_remainder=False, **{**lvm_data.loader_options(self.config.data),
-                                     "worker_count": int(self.config.data.get("eval_worker_count", 0))})
+            shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=False, **options)
+
+        def first_record() -> dict[str, np.ndarray]:
+            # The batch layout for a process whose shard is empty (fewer records than processes):
+            # any record of the whole source shows it.
+            one = lvm_data.make_loader(source, transforms, batch_size=1, shuffle=False, seed=0, num_epochs=1,
+                                       shard_index=0, shard_count=1, drop_remainder=False,
+                                       **{**options, "worker_count": 0})
+            return next(iter(one))
+
         per_process = -(-len(source) // jax.process_count())
         num_batches = -(-per_process // local_batch)
         iterator = iter(loader)
@@ -88,6 +97,7 @@ class Task:
         for _ in range(num_batches):
             batch = next(iterator, None)
             if batch is None:  # this process's shard ran out first: an all-padding batch
+                template = template or first_record()
                 batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
             template = template or batch
             if keys is not None:
