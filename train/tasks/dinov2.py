@@ -18,9 +18,14 @@ and position in the stream, so masks are reproduced exactly after a resume).
 Each sample masks `int(2 * mask_probability)` of its global crops (1 of 2 in
 the recipe) with a ratio uniform in `mask_ratio`; its masked-token indices
 are padded to the fixed bound `int(N * mask_ratio[1])`, so every batch has the
-same shapes and the jitted step compiles once. (The reference stratifies the
-ratios over a whole per-GPU batch instead; per sample the distribution is the
-same, and this layout keeps every gather on the device that holds the sample.)
+same shapes and the jitted step compiles once. (The reference draws
+`int(2B * p)` masked crops per per-GPU batch of B images, stratifies their
+ratios, and shuffles them over all 2B global crops: about a quarter of its
+images have both crops masked and a quarter neither. Here every image has
+exactly one masked crop. Each crop row has the same marginal, masked with
+probability p at a ratio uniform in `mask_ratio`, the statistics do not
+depend on the per-host batch size, and every gather stays on the device that
+holds the sample.)
 With `data.synthetic.views = V` (synthetic source only) a training record is V
 renderings of one shape in different scenes (`SyntheticViews`) and crop k is
 cut from view k mod V; the kNN / linear evals still use one rendering per image.
