@@ -21,7 +21,9 @@ class ShardedSource:
 
   drop_remainder=False spreads the remainder over the first shards (eval: every
   record is read exactly once); True gives every shard len(source) //
-  shard_count records (train: processes stay in lockstep).  We shard here
+  shard_count records (train: processes stay in lockstep), so the last
+  len(source) % shard_count records are never trained on (for a class-sorted
+  folder, the end of the last class: fewer records than processes, per run).  We shard here
   rather than with grain's ShardOptions because grain's finite-epoch loader
   silently drops a record from the larger shards when the split is uneven.
   Attributes of the wrapped source (num_classes, class_names, ...) pass through.
