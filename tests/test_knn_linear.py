@@ -112,8 +112,10 @@ def test_cls_attention_from_qk_matches_numpy():
     np.testing.assert_allclose(got, attn[:, :, 3:].reshape(2, 3, 2, 3), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_vit_last_layer_attention_and_pngs(tmp_path, scan_layers):
+@pytest.mark.parametrize("scan_layers, qkv", [(False, "separate"), (True, "separate"), (False, "fused")])
+def test_vit_last_layer_attention_and_pngs(tmp_path, monkeypatch, scan_layers, qkv):
+    # fused q/k/v is the GPU default; it never calls the query/key modules the capture reads
+    monkeypatch.setenv("LVM_JAX_QKV", qkv)
     from lvm_jax.models import ViT
 
     kw = dict(variant=None, width=32, depth=2, num_heads=4, patch_size=8, image_size=32, num_registers=1)

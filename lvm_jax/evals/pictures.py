@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvm_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lvm_jax.models import perf
 from lvm_jax.workdir import save_figure
 
 
@@ -80,7 +81,10 @@ def vit_last_layer_attention(model: Any, params: Any, images: jax.Array) -> tupl
         return (method_name == "__call__" and len(path) >= 3 and path[-3:-1] == (last, "attn")
                 and path[-1] in ("query", "key"))
 
-    out, state = model.apply({"params": params}, images, capture_intermediates=wanted)
+    # Fused q/k/v (the GPU default) never calls the query/key modules, and padding the whole sequence
+    # once for cuDNN would add pad keys to the softmax: capture on the separate, unpadded path.
+    with perf.pinned(LVM_JAX_QKV="separate", LVM_JAX_SEQ_PAD="per_call"):
+        out, state = model.apply({"params": params}, images, capture_intermediates=wanted)
     captured = state["intermediates"]["encoder"][last]["attn"]
     q, k = captured["query"]["__call__"][0], captured["key"]["__call__"][0]
     grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])

@@ -20,7 +20,10 @@ tests/test_layers.py and tests/test_vit.py).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import jax
 
@@ -53,9 +56,32 @@ SWITCHES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
 }
 
 
+# Switches pinned by `pinned(...)` for the code traced inside it; they win over the environment.
+_PINNED: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("lvm_jax_perf_pinned", default={})
+
+
+@contextlib.contextmanager
+def pinned(**switches: str) -> Iterator[None]:
+  """Within the block, trace with these choices whatever the environment or backend says.
+
+  For code that needs a particular computation path, not just its result: e.g. capturing the
+  q/k projections' outputs needs them called as separate modules on the unpadded sequence.
+  """
+  for name, value in switches.items():
+    if value not in SWITCHES[name][0]:
+      raise ValueError(f"{name}={value!r} is not a valid choice; use one of {SWITCHES[name][0]}.")
+  token = _PINNED.set({**_PINNED.get(), **switches})
+  try:
+    yield
+  finally:
+    _PINNED.reset(token)
+
+
 def choice(switch: str) -> str:
-  """The implementation `switch` resolves to now: the environment's value, else the backend's default."""
+  """The implementation `switch` resolves to now: pinned, else the environment's value, else the backend's default."""
   choices, defaults = SWITCHES[switch]
+  if switch in _PINNED.get():
+    return _PINNED.get()[switch]
   value = os.environ.get(switch, "").strip()
   if not value:
     return defaults.get(jax.default_backend(), choices[0])
