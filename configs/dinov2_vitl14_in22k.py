@@ -22,7 +22,8 @@ the memory bank, as DINOv2):
 (`linear_top1` is a miniature of DINOv2's linear eval: frozen features, no augmentation.)
 
 Recipe (differences from the ViT-S/14 ImageNet-1k config): ViT-L/14 with SwiGLU FFN, drop-path 0.4,
-local crops 98 px; 131072 prototypes with a 384-d bottleneck, a separate iBOT head (131072
+local crops 98 px (7 x 7 patches of 14), the paper's blur probabilities (see the ViT-S/14 config);
+131072 prototypes with a 384-d bottleneck, a separate iBOT head (131072
 prototypes); Sinkhorn-Knopp targets; teacher momentum 0.994 -> 1; lr 2e-4 * sqrt(3072 / 1024)
 with 80 warmup epochs; weight decay 0.04 -> 0.2; no layer-wise lr decay.
 """

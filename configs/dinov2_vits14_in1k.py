@@ -17,12 +17,16 @@ Published numbers (ImageNet-1k val, top-1):
 is a miniature of its linear eval (frozen CLS [+ mean patch] features, no augmentation, small lr
 sweep), so it reads a little below the published linear numbers.
 
-Recipe: multi-crop 2 x 224 (scale 0.32-1) + 8 x 96 (0.05-0.32); DINO + iBOT (shared head, 65536
+Recipe: multi-crop 2 x 224 (scale 0.32-1) + 8 x 98 (0.05-0.32; the reference's 96 px are 6 x 6 patches
+of 16, 98 px are 7 x 7 patches of 14), Gaussian blur with the paper's probabilities (global 1.0 / 0.1,
+local 0.5; the released code effectively uses 0 / 0.9 / 0.5: data.crops.released_code_blur=True
+reproduces that, lvm_jax/data/multicrop.py); DINO + iBOT (shared head, 65536
 prototypes, masks on half the global crops, ratio 0.1-0.5) + KoLeo 0.1; centering (the default
 config; the ViT-L/14 recipe uses Sinkhorn-Knopp); teacher momentum 0.992 -> 1, temperature 0.04 ->
 0.07 over 30 epochs; AdamW lr 4e-3 * sqrt(2048 / 1024) with 10 warmup epochs, cosine to 1e-6;
 weight decay 0.04 -> 0.4; layer decay 0.9; patch-embed lr x 0.2; clip 3.0 per submodule; prototypes
-frozen for the first epoch; LayerScale 1e-5; uniform drop-path.
+frozen for the first epoch; LayerScale 1e-5; uniform drop-path 0.1 (the yaml's 0.3 is sized for
+ViT-L; 0.1 is DINO's ViT-S rate).
 """
 
 import math
