@@ -22,6 +22,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -171,6 +172,11 @@ def img_per_s(row: dict[str, Any]) -> float:
   return float((row.get("results") or [{}])[0].get("img_per_s") or 0.0)
 
 
+def wins(row: dict[str, Any], reference: dict[str, Any]) -> bool:
+  """`row` beats a reference that ran (a failed or timed-out reference, 0 img/s, proves nothing)."""
+  return img_per_s(reference) > 0 and img_per_s(row) > WIN_MARGIN * img_per_s(reference)
+
+
 # ----------------------------------------------------------------------------- profile
 
 def kernel_kind(name: str) -> str:
@@ -180,7 +186,7 @@ def kernel_kind(name: str) -> str:
   if any(s in n for s in ("gemm", "cutlass", "xmma", "cublas", "nvjet", "matmul", "sm90_", "triton_gemm", "dot",
                           "ynn_fusion")):  # XLA:CPU hands dots (with fused neighbours) to YNNPACK
     return "gemm"
-  if "conv" in n:
+  if re.search(r"conv(?!ert)", n):  # convolutions, not XLA's cast kernels (loop_convert_fusion, convert.7)
     return "conv"
   if any(s in n for s in ("memcpy", "memset", "copy", "transpose")):
     return "copy/memset"
@@ -355,14 +361,17 @@ def main() -> int:
     save()
     ref = next((r for r in singles if r["name"].startswith("baseline") and img_per_s(r)), base)
     for (name, change), row in zip(SINGLE, singles[1:]):
-      if img_per_s(row) > WIN_MARGIN * img_per_s(ref):
+      if wins(row, ref):
         winners.update(change)
+    # Flag variants run in processes of their own, like the first baseline; if that one failed,
+    # the in-process baseline is the only measured reference.
+    flag_ref = base if img_per_s(base) else ref
     for name, change in FLAG_VARIANTS:
       if left() < 60:
         break
       row = bench(name, change, [], min(150, left()), rows)
       save()
-      if img_per_s(row) > WIN_MARGIN * img_per_s(base):
+      if wins(row, flag_ref):
         winners.update(change)
     if len(winners) > 1 and left() > 60:
       if "XLA_FLAGS" in winners:  # flags need a process of their own

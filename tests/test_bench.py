@@ -454,6 +454,17 @@ def test_gpu_ab_profile_summary_counts_stream_kernels_once(tmp_path):
   assert summary["kernel_launches_per_step"] == 2.0
 
 
+def test_gpu_ab_kernel_kinds_and_winners_need_a_measured_reference():
+  """Cast kernels are not convolutions; a variant never 'wins' against a baseline that failed (0 img/s)."""
+  gpu_ab = _load_gpu_ab()
+  assert gpu_ab.kernel_kind("loop_convert_fusion") == "elementwise fusion"
+  assert gpu_ab.kernel_kind("input_convert_reduce_fusion") == "reduction fusion"
+  assert gpu_ab.kernel_kind("convolution.3") == "conv"
+  row = lambda v: {"results": [{"img_per_s": v}]}  # noqa: E731
+  assert gpu_ab.wins(row(102), row(100)) and not gpu_ab.wins(row(100.5), row(100))
+  assert not gpu_ab.wins(row(80), {}) and not gpu_ab.wins(row(80), row(0))  # a timed-out baseline
+
+
 def test_gpu_ab_profile_summary_reads_a_cpu_trace_from_the_xla_worker_threads(tmp_path):
   """--preset cpu: with no GPU in the trace, the HLO ops on XLA:CPU's worker threads are summed (YNNPACK
   fusions as dots, transposes as copies); the executor's own spans, pool waits and python are not."""
