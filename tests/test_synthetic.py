@@ -2,6 +2,7 @@
 import pickle
 import re
 
+import ml_collections
 import numpy as np
 import pytest
 from matplotlib.path import Path
@@ -50,6 +51,17 @@ def test_difficulty_validation_and_auto_cache():
     S.Difficulty(max_rotation=400)
   with pytest.raises(ValueError, match="size_range"):
     S.Difficulty(size_range=(0.9, 0.5))
+  # Each of these was accepted and broke a stated property (colour contrast, centres in the frame)
+  # or failed later with a raw TypeError.
+  for field, value in [("texture_contrast", (0.0, 3.0)), ("position_spread", 3.0), ("clutter", -1.0),
+                       ("noise_range", (5.0, 1.0)), ("size_range", 0.6)]:
+    with pytest.raises(ValueError, match=f"synthetic.{field} must be"):
+      S.Difficulty(**{field: value})
+  from lvm_jax.data import build_source
+  cfg = ml_collections.ConfigDict({"source": "synthetic", "image_size": 16,
+                                   "synthetic": {"size_range": 0.6, "num_train": 8}})
+  with pytest.raises(ValueError, match=r"synthetic.size_range must be a \(lo, hi\) pair"):
+    build_source(cfg, "train")
   assert S.SyntheticShapes(1000).cache
   assert not S.SyntheticShapes(10_000_000, image_size=64).cache  # 123 GB: render per record
 

@@ -76,8 +76,8 @@ def _synthetic(data_cfg, split: str) -> SyntheticShapes:
   get = syn.get
   num = get("num_train", 50_000) if split == "train" else get("num_eval", 10_000)
   # Any Difficulty field may be overridden as data.synthetic.<field>.
-  difficulty = Difficulty(**{f.name: (tuple(get(f.name)) if isinstance(f.default, tuple)
-                                      else float(get(f.name)))
+  # Lists become tuples; anything else goes to Difficulty as given, whose checks name the field.
+  difficulty = Difficulty(**{f.name: (tuple(get(f.name)) if isinstance(get(f.name), (list, tuple)) else get(f.name))
                              for f in dataclasses.fields(Difficulty) if get(f.name) is not None})
   return SyntheticShapes(
       num_records=int(num),
