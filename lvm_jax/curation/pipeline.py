@@ -9,7 +9,9 @@
   ``{"id", "kept": representative id, "reason": "self"|"reference"}`` (plus the
   ``"similarity"`` behind the removal and, for reference removals, the
   reference set name; ``kept`` is then the id of the matching reference vector);
-- ``summary.json``: counts, thresholds, index, recall estimate, timings, inputs;
+- ``summary.json``: counts, thresholds, index, recall estimate (null when nothing
+  can be retrieved), timings, inputs; written before the report and again after it
+  (with the report's time);
 - ``report.html`` (+ PNGs): retrieval and duplicate examples.
 
 Self-/relative-deduplication results are cached in ``DIR/.cache`` under a
@@ -176,7 +178,9 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
     # -- retrieval ---------------------------------------------------------
     k = int(rcfg.k)
     recall, nprobe = None, index_cfg.nprobe
-    if mode == "sample" and index.kind == "ivf" and cfg.recall_sample:
+    # With every pool row removed nothing can be retrieved: the recall is undefined (None)
+    # and nprobe stays as given.  `keep` is the same on every process.
+    if mode == "sample" and index.kind == "ivf" and cfg.recall_sample and keep.any():
         nprobe, recall = tune_nprobe(index, pool, queries, k, keep, int(cfg.recall_sample),
                                      index_cfg.target_recall, int(rcfg.seed), comm)
         lap("tune_nprobe")
@@ -218,21 +222,30 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
     )
     write_outputs(out_dir, curated, pool, references, result, retrieved)
     lap("write")
+
+    def write_summary() -> None:
+        summary["timings_s"]["total"] = round(sum(v for v in timings.values() if not isinstance(v, bool)), 3)
+        _write_atomic(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=2))
+
+    write_summary()  # before the report: the outputs are complete even if the report is stopped
     if cfg.report.enabled:
         from lvm_jax.curation import report
         report.write_report(out_dir, summary, curated, pool, result, retrieved,
                             num_queries=int(cfg.report.num_queries), num_groups=int(cfg.report.num_groups),
                             image_fn=image_fn)
         lap("report")
-    summary["timings_s"]["total"] = round(sum(v for v in timings.values() if not isinstance(v, bool)), 3)
-    _write_atomic(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=2))
+        write_summary()
     return summary
 
 
 def tune_nprobe(index: PoolIndex, pool: VectorSet, queries: np.ndarray, k: int, keep: np.ndarray,
-                sample: int, target: float, seed: int, comm: Comm) -> tuple[int, float]:
+                sample: int, target: float, seed: int, comm: Comm) -> tuple[int, float | None]:
     """Smallest nprobe = cfg.nprobe * 2^j whose recall@k vs exact search reaches `target` on
-    `sample` random queries; returns (nprobe, recall measured there)."""
+    `sample` random queries; returns (nprobe, recall measured there).
+
+    Queries with no exact neighbour (every pool row masked out by `keep`) do not count;
+    with none left the recall is undefined: returns (cfg.nprobe, None).
+    """
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(queries), min(sample, len(queries)), replace=False))
     exact = np.zeros((len(pick), k), np.int64)
@@ -240,9 +253,13 @@ def tune_nprobe(index: PoolIndex, pool: VectorSet, queries: np.ndarray, k: int, 
         _, exact = exact_knn(pool, queries[pick], k, keep)
     exact = comm.broadcast(exact)
     nprobe = max(1, index.cfg.nprobe)
+    has = (exact >= 0).any(axis=1)  # the same on every process (broadcast)
+    if not has.any():
+        return nprobe, None
+    pick, exact = pick[has], exact[has]
     while True:
         _, rows = index.search(queries[pick], k, keep, desc="tune nprobe", nprobe=nprobe)
-        recall = float(np.mean([len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum())
+        recall = float(np.mean([len(set(a[a >= 0]) & set(e[e >= 0])) / (e >= 0).sum()
                                 for a, e in zip(rows, exact)]))
         if not target or recall >= target or nprobe >= index.nlist:
             return nprobe, round(recall, 4)

@@ -1,8 +1,10 @@
 """A human check of a curation run: ``DIR/report.html`` plus PNG figures.
 
 - a similarity histogram of the retrieved images and of the removed duplicates;
-- a grid of curated queries with the pool images retrieved for them;
-- a grid of duplicate groups (the kept image, then the removed ones).
+- a grid of curated queries with the pool images retrieved for them (the
+  `GRID_PER_QUERY` most similar per query, then a "+M more" note);
+- a grid of duplicate groups (the kept image, if any, then the removed ones), each
+  image labelled kept or with the reason it was removed.
 
 Grids show images when an image loader is available (``lvm-curate run``, or
 embedding directories that record their source / file paths); otherwise the
@@ -23,6 +25,8 @@ from lvm_jax.curation.index import VectorSet
 from lvm_jax.curation.retrieve import Retrieval
 
 ImageFn = Callable[[str, int], np.ndarray]
+
+GRID_PER_QUERY = 16  # retrieved images drawn per query row (a query can get thousands)
 
 
 def _plt():
@@ -82,10 +86,12 @@ def _histogram(path: str, retrieved: Retrieval, result: dd.DedupResult, summary:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
     bins = np.linspace(-1, 1, 201)  # fixed: identical values (exact copies) break auto-binning
-    sims = retrieved.similarity[np.isfinite(retrieved.similarity)]
+    # Clipped into the bins: the float32 cosine of two copies of one image often rounds to
+    # 1.0000001, which hist would drop past the last edge.
+    sims = np.clip(retrieved.similarity[np.isfinite(retrieved.similarity)], -1, 1)
     if len(sims):
         ax.hist(sims, bins=bins, alpha=0.6, label="retrieved (to query)")
-    dup = result.matched_sim[(result.reason != dd.KEPT) & np.isfinite(result.matched_sim)]
+    dup = np.clip(result.matched_sim[(result.reason != dd.KEPT) & np.isfinite(result.matched_sim)], -1, 1)
     if len(dup):
         ax.hist(dup, bins=bins, alpha=0.6, label="removed duplicates")
     ax.axvline(summary["dedup"]["threshold"], color="k", ls="--", lw=1, label="dedup threshold")
@@ -115,14 +121,16 @@ def write_report(out_dir: str, summary: dict, curated: VectorSet, pool: VectorSe
     figures = ["similarity.png"]
     if image_fn is not None and queries:
         grid = [[(image("curated", q), f"query {curated.ids[q]}")]
-                + [(image("pool", r), f"{pool.ids[r]}: {s:.2f}") for r, s in zip(rows, sims)]
+                + [(image("pool", r), f"{pool.ids[r]}: {s:.2f}")
+                   for r, s in zip(rows[:GRID_PER_QUERY], sims[:GRID_PER_QUERY])]
+                + ([(None, f"+{len(rows) - GRID_PER_QUERY} more")] if len(rows) > GRID_PER_QUERY else [])
                 for q, rows, sims in queries]
-        _grid(os.path.join(out_dir, "retrieval.png"), grid, "curated query | retrieved (id: cosine)")
+        _grid(os.path.join(out_dir, "retrieval.png"), grid,
+              f"curated query | retrieved (id: cosine; the {GRID_PER_QUERY} most similar)")
         figures.append("retrieval.png")
     if image_fn is not None and groups:
-        grid = [[(image("pool", r), f"{'kept' if result.reason[r] == dd.KEPT else _why(result, r)} "
-                  f"{pool.ids[r]}") for r in rows[:8]] for rows in groups]
-        _grid(os.path.join(out_dir, "duplicates.png"), grid, "duplicate groups (first: kept)")
+        grid = [[(image("pool", r), f"{_why(result, r)} {pool.ids[r]}") for r in rows[:8]] for rows in groups]
+        _grid(os.path.join(out_dir, "duplicates.png"), grid, "duplicate groups (kept, or why removed)")
         figures.append("duplicates.png")
 
     esc = html.escape
@@ -137,10 +145,13 @@ def write_report(out_dir: str, summary: dict, curated: VectorSet, pool: VectorSe
     for q, rows, sims in queries:
         cells = ", ".join(f"{esc(pool.describe(r))} ({s:.3f})" for r, s in zip(rows, sims))
         parts.append(f"<tr><td>{esc(curated.describe(q))}</td><td>{cells}</td></tr>")
-    parts.append("</table><h2>Duplicate groups</h2><table><tr><th>kept / first</th><th>removed</th></tr>")
+    # Every member says what happened to it (as in duplicates.jsonl): the representative is
+    # the kept image unless relative deduplication removed the whole group.
+    parts.append("</table><h2>Duplicate groups</h2><table><tr><th>representative</th>"
+                 "<th>other members</th></tr>")
     for rows in groups:
-        removed = ", ".join(f"{esc(pool.describe(r))} ({_why(result, r)})" for r in rows[1:])
-        parts.append(f"<tr><td>{esc(pool.describe(rows[0]))}</td><td>{removed}</td></tr>")
+        first, *rest = (f"{esc(pool.describe(r))} ({_why(result, r)})" for r in rows)
+        parts.append(f"<tr><td>{first}</td><td>{', '.join(rest)}</td></tr>")
     parts.append("</table></body></html>")
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
