@@ -128,11 +128,12 @@ def cmd_embeddings(args) -> int:
     comm = _init_distributed(args)
     progress = not args.no_progress
     mirror = open_mirror(args.out, args.stage, "--out", progress=progress)
-    # Inputs in a bucket are downloaded (they are memory-mapped); summary.json records where they
-    # live, so the manifest source follows them back to the bucket.
+    # Inputs in a bucket are downloaded (they are memory-mapped) -- those under --out are in its
+    # mirror already; summary.json records where they live, so the manifest source follows them
+    # back to the bucket.
     named = [("curated", args.curated, "--curated"), ("pool", args.pool, "--pool")]
     named += [(None, r, "--reference") for r in args.reference]
-    local = [local_input(path, flag, progress) for _, path, flag in named]
+    local = [local_input(path, flag, progress, within=mirror) for _, path, flag in named]
     curated, pool, *refs = [load_vectors(p, name) for (name, _, _), p in zip(named, local)]
     recorded = [p if is_remote(p) else os.path.abspath(p) for _, p, _ in named]
     inputs = dict(curated=recorded[0], pool=recorded[1], references=recorded[2:])

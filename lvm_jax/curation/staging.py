@@ -10,7 +10,15 @@ directory (``--stage DIR``; default ``~/.cache/lvm_jax/curate/<scheme>/<bucket>/
 - each embedding shard is uploaded as soon as it is written; everything else (index.json,
   manifest.jsonl, summary.json, the report, the dedup cache, a trained backbone's checkpoints)
   when the step that writes it ends;
-- compile caches stay local: they belong to one machine.
+- compile caches stay local: they belong to one machine;
+- the mirror follows the bucket's listing: an object deleted from the bucket (say ``gsutil rm -r
+  gs://b/curated/embeddings``) is no longer recorded as synced, so a file the mirror still holds
+  under that name is used (the run resumes from it) and uploaded again at the next push -- the
+  bucket never ends up missing what summary.json points at. Delete the stage too to start over;
+- a bucket input under ``--out`` (``--pool gs://b/run/emb/pool --out gs://b/run``) is read from
+  the output's mirror, which holds it already, not downloaded a second time;
+- several processes may share one stage: each writes ``.lvm_mirror.json`` through a temporary
+  name of its own (then an atomic rename), so one never moves the file another is writing.
 
 With several processes each uploads what it wrote, then all meet at a barrier and pull the
 others' shards. A local ``--out`` is its own mirror: nothing is copied.
@@ -21,18 +29,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterable
 
-from etils import epath
 from tqdm import tqdm
 
 from lvm_jax.data import files
 from lvm_jax.errors import UserError
-from lvm_jax.workdir import is_remote, write_whole
+from lvm_jax.workdir import is_remote
 
 # Directories never uploaded: the XLA compile cache is machine-specific (see lvm_jax.compile_cache).
 LOCAL_ONLY_DIRS = ("compile_cache",)
-# The mirror's own record of what matches the bucket (in the mirror's root; never uploaded).
+# The mirror's own record of what matches the bucket (in the mirror's root; never uploaded, nor is
+# one found deeper, e.g. an input's mirror nested in an output's by an earlier version).
 STATE_FILE = ".lvm_mirror.json"
 
 
@@ -83,6 +92,15 @@ class Mirror:
             raise ValueError(f"{local_path} is not inside the mirror {self.local}")
         return "" if rel == "." else rel.replace(os.sep, "/")
 
+    def rel_of(self, url: str) -> str | None:
+        """``url`` relative to a bucket ``out`` when it lies below (or is) it; else None."""
+        if not self.remote:
+            return None
+        url = url.rstrip("/")
+        if url == self.out:
+            return ""
+        return url[len(self.out) + 1:] if url.startswith(self.out + "/") else None
+
     def _stamp(self, rel: str) -> list:
         st = os.stat(self.path(rel))
         return [st.st_size, st.st_mtime_ns]
@@ -95,7 +113,18 @@ class Mirror:
             return {}
 
     def _save_state(self) -> None:
-        write_whole(epath.Path(self.local) / STATE_FILE, json.dumps(self._synced))
+        """Writes STATE_FILE atomically through a temporary name unique to this writer: processes
+        sharing the stage must not rename each other's half-written (or already moved) file."""
+        os.makedirs(self.local, exist_ok=True)
+        path = os.path.join(self.local, STATE_FILE)
+        tmp = f"{path}.tmp{os.getpid()}.{secrets.token_hex(6)}"  # a _temporary() name: never uploaded
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(self._synced))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def _download(self, rel: str, version: str) -> None:
         files.download(self.location(rel), self.path(rel))
@@ -115,13 +144,18 @@ class Mirror:
             return 0
         listed = files.objects_under(self.location(rel))
         todo = [(f"{rel}/{r}" if rel else r, size, version) for r, (size, version) in sorted(listed.items())]
+        # Objects deleted from the bucket: no longer synced, so push() uploads the local file again.
+        present = {r for r, _, _ in todo}
+        gone = [r for r in self._synced if (not rel or r.startswith(rel + "/")) and r not in present]
+        for r in gone:
+            del self._synced[r]
         todo = [t for t in todo if not _local_only(t[0]) and not self._matches(t[0], t[2])]
         with tqdm(total=sum(size for _, size, _ in todo), unit="B", unit_scale=True, desc=f"fetching {self.out}",
                   disable=not progress or not todo) as bar:
             for r, size, version in todo:
                 self._download(r, version)
                 bar.update(size)
-        if todo:
+        if todo or gone:
             self._save_state()
         return len(todo)
 
@@ -155,7 +189,8 @@ class Mirror:
         sent = 0
         for path in paths:
             r = self.rel(path)
-            if _local_only(r) or _temporary(r) or r == STATE_FILE or not os.path.isfile(path) or self._matches(r):
+            if (_local_only(r) or _temporary(r) or r.rpartition("/")[2] == STATE_FILE or not os.path.isfile(path)
+                    or self._matches(r)):
                 continue
             stamp = self._stamp(r)
             files.upload(path, self.location(r))
@@ -175,13 +210,24 @@ def open_mirror(out: str, stage: str | None = None, what: str = "--out", rel: st
     return mirror
 
 
-def local_input(location: str, what: str, progress: bool = True) -> str:
+def local_input(location: str, what: str, progress: bool = True, within: Mirror | None = None) -> str:
     """A local path for an input that may be in a bucket (an .npy file or an embedding directory):
     bucket inputs are downloaded to their default stage (they are memory-mapped), again only when
-    the bucket's objects changed."""
+    the bucket's objects changed. An input inside ``within`` (the output's Mirror) is read from that
+    mirror -- which pulled it already -- rather than downloaded again into a second one."""
     if not is_remote(location):
         return location
     files.check_url(location, what)
+    rel = within.rel_of(location) if within is not None else None
+    if rel is not None:
+        if files.isfile(location):
+            within.fetch(rel)
+        elif files.isdir(location):
+            within.pull(rel, progress=progress)
+        else:
+            raise UserError(f"{what} {location} does not exist (or these credentials cannot list it); "
+                            "check the URL.")
+        return within.path(rel)
     if files.isfile(location):
         parent, _, name = location.rstrip("/").rpartition("/")
         mirror = Mirror(parent, None, what)
