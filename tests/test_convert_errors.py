@@ -310,8 +310,8 @@ def test_a_rule_for_a_param_no_model_has_stays_an_internal_error(tmp_path, monke
         convert.load(src, num_heads=2, final_norm=True)
 
 
-def _timm_with_act_layer(tmp_path, act_layer):
-    src = fx.write_checkpoint(CASES["timm_clip_quickgelu_head"], tmp_path / str(act_layer))
+def _timm_with_act_layer(tmp_path, act_layer, case="timm_clip_quickgelu_head"):
+    src = fx.write_checkpoint(CASES[case], tmp_path / f"{case}_{act_layer}")
     config = json.loads((src / "config.json").read_text())
     config["model_args"]["act_layer"] = act_layer
     (src / "config.json").write_text(json.dumps(config))
@@ -327,6 +327,10 @@ def test_timm_act_layer_names_map_as_timm_reads_them_and_unknown_ones_are_refuse
         with pytest.raises(ConversionError, match=r"act_layer='mish' has no equivalent in lvm_jax's ViT; supported: "
                                                   r"\['gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu', 'swish'\]"):
             convert.load(src, **overrides)
+    # SwiGLU gates with SiLU here (as in every timm SwiGLU arch): another gate would load and compute wrongly.
+    assert convert.load(_timm_with_act_layer(tmp_path, "silu", "timm_giant_swiglu"))[0].ffn == "swiglu"
+    with pytest.raises(ConversionError, match=r"SwiGLU MLP gated by act_layer='gelu'; lvm_jax's SwiGLU gates with silu"):
+        convert.load(_timm_with_act_layer(tmp_path, "gelu", "timm_giant_swiglu"))
 
 
 def test_hf_dinov2_classifier_head_is_logged_as_not_loaded(tmp_path, caplog):

@@ -135,6 +135,10 @@ def infer_config(ck: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
     mlp_dim = infer.swiglu_mlp_dim(hidden, width) if swiglu else hidden
 
     defaults, ask = resolve_defaults(name, width, args, ck.source)
+    if swiglu and args.get("act_layer") is not None and defaults["act"] != "silu":
+        # Our SwiGLU always gates with SiLU (as every timm SwiGLU architecture does).
+        raise ConversionError(f"{ck.source}: a SwiGLU MLP gated by act_layer={args['act_layer']!r}; lvm_jax's "
+                              "SwiGLU gates with silu only, so this checkpoint cannot be converted.")
     facts: dict[str, Any] = {"swiglu_hidden": hidden if swiglu else None, "fold_prefix_pos": False, "ask": ask}
     kwargs: dict[str, Any] = dict(
         variant=None, width=width, depth=depth, mlp_dim=mlp_dim,
