@@ -18,7 +18,8 @@ class Preempted(Exception):
     """Training stopped early at a preemption notice (SIGTERM) after saving a checkpoint.
 
     Not an error in the run: rerunning the same command resumes from `step`. lvm-train
-    prints the message and exits with PREEMPTED_EXIT_CODE.
+    prints the message and exits with PREEMPTED_EXIT_CODE. An eval due at `step` is skipped
+    (the grace period goes to the save); `lvm-eval` runs it on that checkpoint.
     """
 
     def __init__(self, step: int, total_steps: int, checkpoint_dir: str):
