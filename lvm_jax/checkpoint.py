@@ -59,10 +59,22 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Restores into the shapes/shardings of `abstract_state` (a tree of ShapeDtypeStruct)."""
+        saved = self.manager.all_steps()
+        if step not in saved:
+            listed = ", ".join(map(str, sorted(saved))) or "none"
+            raise UserError(f"No checkpoint of step {step} in {self.directory} (saved steps: {listed}); "
+                            "pass one of those.")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            if "stored shape" not in str(e):
+                raise
+            detail = str(e).split(". ")[0]  # "Requested shape: (4, 8) is not compatible with the stored shape: (2, 16)"
+            raise UserError(f"The checkpoint {self.directory}/{step} was trained with another model config ({detail}); "
+                            "use the config the run was trained with (the run's config.json records it).") from e
         return restored["state"]
 
     def wait(self) -> None:

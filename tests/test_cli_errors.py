@@ -92,6 +92,33 @@ def test_corrupt_jpeg_is_skipped_or_named(tmp_path, capsys):
     assert rc == 2 and "bad" in err and "Traceback" not in err
 
 
+def test_a_config_that_does_not_fit_the_checkpoints_is_one_line_and_keeps_config_json(tmp_path, capsys):
+    """Resuming or evaluating with a changed model (a forgotten training override) or a step that is not
+    on disk: one line naming the fix (it was orbax's traceback), and the run's config.json stays its record."""
+    import json
+
+    from train.evaluate import main as eval_main
+
+    cache = f"--config.compile_cache_dir={tmp_path / 'cc'}"
+    rc, err = _train(tmp_path, "--config.total_steps=3", "--config.ckpt_every=1", "--config.keep_checkpoints=1",
+                     cache, capsys=capsys)
+    assert rc == 0, err
+    record = (tmp_path / "w" / "config.json").read_text()
+    rc, err = _train(tmp_path, "--config.total_steps=4", "--config.model.mlp_dim=128", cache, capsys=capsys)
+    assert rc == 2 and "was trained with another model config" in err and "config.json" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "w" / "config.json").read_text() == record
+    assert json.loads(record)["model"]["mlp_dim"] == 64
+    workdir = ["--config", CONFIG, "--workdir", str(tmp_path / "w")]
+    assert eval_main(workdir + ["--config.model.num_heads=4"]) == 2
+    assert "was trained with another model config" in capsys.readouterr().err
+    assert eval_main(workdir + ["--step", "1"]) == 2  # deleted by keep_checkpoints=1
+    err = capsys.readouterr().err
+    assert "No checkpoint of step 1 in" in err and "(saved steps: 3)" in err
+    assert eval_main(["--config", CONFIG, "--workdir", str(tmp_path / "typo")]) == 2
+    assert not (tmp_path / "typo").exists()
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
     rc, err = _train(tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0", "--config.total_steps=4",
                      "--config.ckpt_every=0", "--config.optim.warmup_steps=0", capsys=capsys)

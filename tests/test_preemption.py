@@ -57,6 +57,8 @@ def test_preemption_at_the_last_step_is_a_finished_run(tmp_path, monkeypatch, ca
     final = loop.train_and_evaluate(_config(cache), tmp_path / "w")
     assert "top1" in final
     assert _checkpoints(tmp_path / "w")[-1] == 6
+    # Rerunning a finished run trains nothing and returns (lvm-train prints) the same final metrics.
+    assert loop.train_and_evaluate(_config(cache), tmp_path / "w") == final
 
 
 def test_a_failing_eval_keeps_the_checkpoint_of_its_step(tmp_path, monkeypatch, cache):
@@ -75,6 +77,11 @@ def test_a_failing_eval_keeps_the_checkpoint_of_its_step(tmp_path, monkeypatch, 
     with pytest.raises(RuntimeError, match="eval exploded"):
         loop.train_and_evaluate(config, tmp_path / "w")
     assert _checkpoints(tmp_path / "w") == [3]
+    # The rerun resumes at step 3 and runs the eval that never finished before training on.
+    monkeypatch.setattr(SupervisedTask, "evaluate", original)
+    loop.train_and_evaluate(config, tmp_path / "w")
+    evals = sorted(p.name for p in (tmp_path / "w" / "eval").glob("step_*.json"))
+    assert evals == ["step_00000000.json", "step_00000003.json", "step_00000006.json"]
 
 
 def test_preempted_is_raised_to_library_callers(tmp_path, monkeypatch, cache):

@@ -139,7 +139,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     # --- Workdir and mesh --------------------------------------------------------------------
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config_to_json(config))
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     local_batch = sharding.check_batch_size(int(config.batch_size), mesh)
     task = get_task(config, mesh)
@@ -176,6 +175,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             state = checkpointer.restore(start_step, restore_target(abstract, state_shardings), train_iter)
             if is_main:
                 print(f"Resumed from {checkpointer.directory}/{start_step}")
+        if is_main:  # only now: a resume whose config cannot load the checkpoints keeps the run's record
+            run_dir.write_whole(workdir / "config.json", config_to_json(config))
 
         # --- Compiled step ---------------------------------------------------------------------
         first = next(train_iter)
@@ -200,6 +201,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
         if start_step == 0:
             eval_metrics = run_eval(0)
+        elif start_step % eval_every == 0 or start_step == total_steps:
+            # A step saves before it evaluates, so a run stopped between the two (a failing eval, a
+            # kill, a preemption) resumes here without that eval: run it now. A finished run's rerun
+            # reads its final metrics back.
+            eval_metrics = _saved_eval(workdir, start_step)
+            if eval_metrics is None:
+                eval_metrics = run_eval(start_step)
 
         bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc=f"{task.name}",
                    unit="step", dynamic_ncols=True)
@@ -270,6 +278,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     if preempted_at is not None:
         raise Preempted(preempted_at, total_steps, str(checkpointer.directory))
     return eval_metrics
+
+
+def _saved_eval(workdir: epath.Path, step: int) -> dict[str, float] | None:
+    """The metrics of the eval at `step` in `workdir/eval`, or None when it never finished.
+
+    Process 0 decides for all (the others must run the collective eval with it or not at all).
+    """
+    path = workdir / "eval" / f"step_{step:08d}.json"
+    found = path.exists() if jax.process_index() == 0 else False
+    if jax.process_count() > 1:
+        found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    if not found:
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # a process that cannot read process 0's file
+        return {}
+    return {k: v for k, v in record.items() if k != "step"}
 
 
 def abstract_state(task, mesh, rng: jax.Array) -> tuple[Any, Any]:
@@ -348,6 +374,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     num_train = len(task.train_source()) if config.get("total_epochs") and not config.get("total_steps") else 0
     task.total_steps = resolve_total_steps(config, num_train)
     task.workdir = workdir
+    if not (workdir / "checkpoints").exists():  # checked first: the Checkpointer would create it
+        raise UserError(f"No checkpoint in {workdir / 'checkpoints'}; train first with lvm-train --workdir {workdir}.")
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
