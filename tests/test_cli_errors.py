@@ -111,7 +111,9 @@ def test_a_config_that_does_not_fit_the_checkpoints_is_one_line_and_keeps_config
     assert json.loads(record)["model"]["mlp_dim"] == 64
     workdir = ["--config", CONFIG, "--workdir", str(tmp_path / "w")]
     assert eval_main(workdir + ["--config.model.num_heads=4"]) == 2
-    assert "was trained with another model config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was trained with another model config" in err
+    assert "warning: the model config differs from" in err and "model.num_heads=4 (trained: 2)" in err
     assert eval_main(workdir + ["--step", "1"]) == 2  # deleted by keep_checkpoints=1
     err = capsys.readouterr().err
     assert "No checkpoint of step 1 in" in err and "(saved steps: 3)" in err

@@ -280,6 +280,31 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     return eval_metrics
 
 
+def _warn_if_model_differs(config: ml_collections.ConfigDict, recorded: epath.Path) -> None:
+    """Warns when config.model differs from the run's config.json: a change that keeps every parameter
+    shape (pool, act, norm eps, ...) would be evaluated silently as another function."""
+    if jax.process_index() != 0 or not recorded.exists():
+        return
+    try:
+        trained = json.loads(recorded.read_text()).get("model", {})
+    except (OSError, ValueError):
+        return
+    given = json.loads(config_to_json(config)).get("model", {})
+
+    def flat(d: dict, prefix: str = "model.") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(trained), flat(given)
+    differ = [f"{k}={b.get(k)!r} (trained: {a.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if differ:
+        print(f"warning: the model config differs from {recorded}: {'; '.join(differ[:8])}"
+              + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
+              + "; evaluating with the given one.", file=sys.stderr)
+
+
 def _saved_eval(workdir: epath.Path, step: int) -> dict[str, float] | None:
     """The metrics of the eval at `step` in `workdir/eval`, or None when it never finished.
 
@@ -376,6 +401,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     task.workdir = workdir
     if not (workdir / "checkpoints").exists():  # checked first: the Checkpointer would create it
         raise UserError(f"No checkpoint in {workdir / 'checkpoints'}; train first with lvm-train --workdir {workdir}.")
+    _warn_if_model_differs(config, workdir / "config.json")
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
