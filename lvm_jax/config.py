@@ -70,6 +70,11 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> 
             node = node[part]
     value = _parse_value(raw)
     old = node[parts[-1]]
+    if isinstance(old, float) and raw.strip().lower() in ("inf", "+inf", "-inf", "nan"):
+        value = float(raw)
+    if isinstance(value, bool) and isinstance(old, (int, float)) and not isinstance(old, bool):
+        # ConfigDict would take True as 1 (bool is an int): almost surely a wrong key or value.
+        raise UserError(f"Config key '{dotted}' expects a {type(old).__name__} but got {raw!r}; pass a number.")
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(old, tuple) and isinstance(value, list):

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -89,9 +90,15 @@ def write_whole(path: epath.Path, text: str) -> None:
     if is_remote(path):
         path.write_text(text)  # an object upload is all-or-nothing
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")  # rename is atomic on a POSIX filesystem
-    tmp.write_text(text)
-    tmp.replace(path)
+    # rename is atomic on a POSIX filesystem; the name is this writer's own, so concurrent writers
+    # (processes sharing a disk) never rename each other's half-written file
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_figure(fig: Any, path: epath.Path | str, dpi: int = 100) -> None:

@@ -41,3 +41,14 @@ def test_a_string_field_keeps_numeric_looking_text():
 
     config = load_config(str(ROOT / "configs" / "vit_synthetic.py"), ["data.path=2024", "data.source=synthetic"])
     assert config.data.path == "2024"
+
+
+def test_numeric_fields_take_inf_and_refuse_booleans():
+    from lvm_jax.config import load_config
+    from lvm_jax.errors import UserError
+
+    config = load_config(str(ROOT / "configs" / "vit_synthetic.py"), ["optim.clip_norm=inf"])
+    assert config.optim.clip_norm == float("inf")
+    for override in ("optim.lr=True", "total_steps=False"):  # ConfigDict took them as 1 and 0
+        with pytest.raises(UserError, match="expects a (float|int) but got '(True|False)'; pass a number"):
+            load_config(str(ROOT / "configs" / "vit_synthetic.py"), [override])

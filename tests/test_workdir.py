@@ -72,6 +72,25 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     workdir.write_json(path, {"top1": 0.75})
     assert json.loads(path.read_text()) == {"top1": 0.75}
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.json"]  # no .tmp left behind
+    # Each writer has its own temporary name: a concurrent writer never renames another's file away.
+    import threading
+
+    errors = []
+
+    def write(i):
+        try:
+            for _ in range(50):
+                workdir.write_json(path, {"writer": i})
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and json.loads(path.read_text())["writer"] in range(4)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest.json"]
 
 
 @pytest.mark.parametrize("argv, supported", [
