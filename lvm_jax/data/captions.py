@@ -9,9 +9,11 @@ captions (``data.source='captions'``):
   ``data.path`` is a ``.jsonl`` file of ``{"image": "rel/path.jpg", "caption": "..."}`` lines
   (``caption`` may also be a list: one record per caption) or a ``.csv``/``.tsv`` file with
   a header row (open_clip's columns ``filepath``, ``title`` by default; the separator is a
-  tab when the header holds one, else a comma). ``data.image_column`` / ``data.caption_column``
-  rename the fields; relative image paths are resolved against ``data.image_root``, default
-  the caption file's folder.
+  tab when the header holds one, else a comma; a TSV is read unquoted, so a '"' stays text).
+  ``data.image_column`` / ``data.caption_column`` rename the fields; relative image paths are
+  resolved against ``data.image_root``, default the caption file's folder, and normalised
+  ('./a.jpg' and its absolute path are one image). http(s) image URLs are refused when the
+  source is built (download the images first).
 webdataset (``data.source='webdataset'``):
   ``data.path`` is a glob and/or brace pattern of uncompressed ``.tar`` shards in the
   img2dataset layout (``{key}.jpg`` + ``{key}.txt`` and/or ``{key}.json`` with a "caption").
@@ -29,8 +31,11 @@ Splits: ``data.eval_path`` (same format) is the eval split; without it a fixed-s
 
 Bad input (``data.decode_errors``: 'skip' (default) or 'raise'):
 - empty / whitespace-only caption: always dropped when the source is built, and counted;
-- malformed row (bad JSON, missing field), a tar sample with no image or no caption:
+- malformed row (bad JSON, missing image or caption field), a tar sample with no image or no
+  caption (or a .json without a text "caption"):
   skip = dropped and counted, raise = ValueError naming the file and line / sample;
+- a shard glob (in a comma list) that matches nothing, a JSON array / multi-line JSON caption
+  file, an unparsable CSV record: ValueError under both policies;
 - a shard that is truncated or not a tar file: skip = its intact samples are kept and the
   rest counted, raise = ValueError naming the shard;
 - missing or unreadable image file (found only when read): skip = the record carries empty
@@ -43,15 +48,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
+import socket
 import sys
 import tarfile
 import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +75,7 @@ from lvm_jax.workdir import write_whole
 
 ERROR_POLICIES = ("skip", "raise")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+MAX_OPEN_SHARDS = 64  # per WebDatasetSource and process: local shard files kept open between reads
 _CAPTION_FIELD = "caption"  # inside img2dataset's per-sample .json
 
 log = logging.getLogger(__name__)
@@ -129,7 +140,21 @@ class CaptionsSource:
 
 
 def _resolve(path: str, root: str) -> str:
-    return files.join(root, files.expand(path))
+    """`path` under `root`, normalised ('./a//b.png' and the absolute spelling name one image)."""
+    joined = files.join(root, files.expand(path))
+    if not files.is_url(joined):
+        return os.path.abspath(joined)
+    scheme, sep, rest = joined.partition("://")
+    return scheme + sep + posixpath.normpath(rest) if rest else joined
+
+
+def _check_image_url(image: str, file: str, line_no: int) -> None:
+    """Refuses, at build time, an image URL that the loader could not read (http(s), ftp, ...)."""
+    scheme = image.partition("://")[0]
+    if scheme not in files.CLIENTS:
+        raise ValueError(f"{file}:{line_no}: image {image!r} is a {scheme}:// URL, which the loader cannot "
+                         "read; download the images (e.g. with img2dataset) and point the caption file at "
+                         f"local paths or {'/'.join(s + '://' for s in files.CLIENTS)} copies.")
 
 
 def read_captions_file(path: str, image_column: str | None = None, caption_column: str | None = None,
@@ -163,21 +188,34 @@ def read_captions_file(path: str, image_column: str | None = None, caption_colum
     def add(line_no: int, image: Any, caption: Any) -> None:
         if not isinstance(image, str) or not image:
             return bad_row(line_no, f"no image path in column {image_column!r}")
+        if caption is None:  # the field is absent (a short CSV row, a JSON row without the key, null)
+            return bad_row(line_no, f"no caption in column {caption_column!r}")
+        resolved = _resolve(image, root)
+        if files.is_url(resolved):
+            _check_image_url(resolved, path, line_no)
         texts = caption if isinstance(caption, list) else [caption]
+        if not texts:
+            _count(skipped, "empty_caption")
         for text in texts:
             if not isinstance(text, str):
                 bad_row(line_no, f"caption in column {caption_column!r} is not text")
             elif not text.strip():
                 _count(skipped, "empty_caption")
             else:
-                paths.append(_resolve(image, root))
+                paths.append(resolved)
                 captions.append(text)
 
     with files.open_text(path) as f:
         if is_json:
+            first = True
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                if first and (line.lstrip().startswith("[") or line.strip() == "{"):
+                    raise ValueError(f"caption file {path!r} holds one JSON document (an array or a multi-line "
+                                     "object), but caption files are JSON Lines: write one {\"image\": ..., "
+                                     "\"caption\": ...} object per line (e.g. jq -c '.[]' file.json > file.jsonl).")
+                first = False
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -186,19 +224,36 @@ def read_captions_file(path: str, image_column: str | None = None, caption_colum
                 if not isinstance(row, dict):
                     bad_row(line_no, "not a JSON object")
                     continue
-                add(line_no, row.get(image_column), row.get(caption_column, None) or "")
+                add(line_no, row.get(image_column), row.get(caption_column))
         else:
             header = f.readline()
             if separator is None:
                 separator = "\t" if "\t" in header else ","
             f.seek(0)
-            reader = csv.DictReader(f, delimiter=separator)
-            missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"caption file {path!r} has no column(s) {missing}; its columns are "
-                                 f"{reader.fieldnames}. Set data.image_column / data.caption_column.")
-            for line_no, row in enumerate(reader, 2):
-                add(line_no, row.get(image_column), row.get(caption_column) or "")
+            # Unquoted TSV is the common form (CC3M-style exports): there a caption that starts with '"'
+            # must stay text, not open a quoted field that swallows the following rows.
+            reader = csv.reader(f, delimiter=separator,
+                                quoting=csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL)
+            line_no = 1
+            try:
+                fieldnames = next(reader, [])
+                missing = [c for c in (image_column, caption_column) if c not in fieldnames]
+                if missing:
+                    raise ValueError(f"caption file {path!r} has no column(s) {missing}; its columns are "
+                                     f"{fieldnames}. Set data.image_column / data.caption_column.")
+                image_at, caption_at = fieldnames.index(image_column), fieldnames.index(caption_column)
+                while True:
+                    line_no = reader.line_num + 1  # the first physical line of the next record
+                    row = next(reader, None)
+                    if row is None:
+                        break
+                    if not row:  # blank line
+                        continue
+                    add(line_no, row[image_at] if image_at < len(row) else None,
+                        row[caption_at] if caption_at < len(row) else None)
+            except csv.Error as e:
+                raise ValueError(f"{path}:{line_no}: cannot be parsed as CSV ({e}); look for an unclosed quote "
+                                 "near that line and fix or remove it.") from e
     return paths, captions, skipped
 
 
@@ -212,6 +267,9 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
         files.check(part.strip())
         for expanded in _expand_braces(files.expand(part.strip())):
             matches = files.glob(expanded) if glob.has_magic(expanded) else [expanded]
+            if not matches:
+                raise ValueError(f"shard pattern {part.strip()!r} in data.path matches no shard files; fix the "
+                                 "pattern (a typo?) or remove it from the list.")
             out += matches
     return out
 
@@ -234,6 +292,7 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def _caption_from(ext: str, data: bytes) -> str | None:
+    """The caption text; None when a .json member is not an object with a text "caption"."""
     text = data.decode("utf-8", errors="replace")
     if ext == "txt":
         return text
@@ -307,7 +366,13 @@ def index_shard(path: str, errors: str = "skip") -> tuple[list[tuple[str, int, i
             _count(skipped, "no_image" if image_ext is None else "no_caption")
             continue
         caption = _caption_from(caption_ext, texts[key, caption_ext])
-        if caption is None or not caption.strip():
+        if caption is None:  # a .json that is not an object with a text "caption"
+            if errors == "raise":
+                raise ValueError(f"webdataset sample {key!r} in {path!r} has no text {_CAPTION_FIELD!r} field in "
+                                 "its .json; fix the shard or set data.decode_errors='skip'.")
+            _count(skipped, "no_caption")
+            continue
+        if not caption.strip():
             _count(skipped, "empty_caption")
             continue
         samples.append((key, *found[image_ext], caption))
@@ -331,10 +396,15 @@ def _cached_index(path: str, errors: str, index_dir: str | None):
         write_whole(epath.Path(cache), text)  # an object upload is all-or-nothing
         return samples, skipped
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, cache)  # atomic: concurrent processes never read a partial index
+    # Hosts sharing an NFS index_dir can run with equal PIDs: the name must be unique across hosts.
+    tmp = f"{cache}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, cache)  # atomic: concurrent processes never read a partial index
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return samples, skipped
 
 
@@ -386,7 +456,7 @@ class WebDatasetSource:
         if not len(self.keys):
             raise ValueError(f"webdataset shards {self.shards[:3]} hold no usable image+caption samples; "
                              "check the layout ({key}.jpg + {key}.txt or .json).")
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, list[int]] = OrderedDict()  # shard -> [fd, readers]: a bounded LRU
         self._lock = threading.Lock()
 
     @property
@@ -401,7 +471,7 @@ class WebDatasetSource:
 
     def __getstate__(self) -> dict[str, Any]:  # file descriptors and locks stay in their process
         state = self.__dict__.copy()
-        state["_fds"], state["_lock"] = {}, None
+        state["_fds"], state["_lock"] = OrderedDict(), None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -420,11 +490,50 @@ class WebDatasetSource:
         out.captions = [self.captions[i] for i in rows]
         return out
 
-    def _fd(self, shard: int) -> int:
+    def _acquire(self, shard: int) -> list[int]:
+        """The shard's [fd, readers] entry, opened if needed; at most MAX_OPEN_SHARDS idle fds stay open
+        (a data set can have far more shards than the process may open files)."""
         with self._lock:
-            if shard not in self._fds:
-                self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
-            return self._fds[shard]
+            entry = self._fds.get(shard)
+            if entry is None:
+                self._evict(MAX_OPEN_SHARDS - 1)
+                entry = self._fds[shard] = [os.open(self.shards[shard], os.O_RDONLY), 0]
+            else:
+                self._fds.move_to_end(shard)
+            entry[1] += 1
+            return entry
+
+    def _release(self, shard: int, entry: list[int]) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[1] == 0 and self._fds.get(shard) is not entry:  # dropped by close() while in use
+                os.close(entry[0])
+
+    def _evict(self, keep: int) -> None:
+        """Closes the least recently used idle fds until at most `keep` are open (fds in use stay)."""
+        for shard in [s for s, e in self._fds.items() if e[1] == 0][:max(len(self._fds) - keep, 0)]:
+            os.close(self._fds.pop(shard)[0])
+
+    def close(self) -> None:
+        """Closes the open shard files (reads reopen them)."""
+        if getattr(self, "_lock", None) is None:
+            return
+        with self._lock:
+            self._evict(0)
+            self._fds.clear()  # fds still in use close when their read ends (_release)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _pread(self, shard: int, size: int, offset: int) -> bytes:
+        entry = self._acquire(shard)
+        try:
+            return os.pread(entry[0], size, offset)
+        finally:
+            self._release(shard, entry)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -435,11 +544,15 @@ class WebDatasetSource:
             if files.is_url(shard_path):  # one ranged GET
                 data = files.read_range(shard_path, int(self._offset[index]), size)
             else:
-                data = os.pread(self._fd(shard), size, int(self._offset[index]))
+                data = self._pread(shard, size, int(self._offset[index]))
         except OSError as e:
             data = b""
             if self.errors == "raise":
-                raise ValueError(f"cannot read {path!r} ({e}); the shard changed since it was indexed.") from e
+                if e.errno == errno.EMFILE:
+                    raise ValueError(f"cannot read {path!r}: the process has too many open files; raise the "
+                                     "open-file limit (ulimit -n) or use fewer loader workers.") from e
+                raise ValueError(f"cannot read {path!r} ({e}); check that the shard still exists and is "
+                                 "readable (re-index it if it was rewritten).") from e
         if len(data) != size and self.errors == "raise":
             raise ValueError(f"{path!r} is shorter than its index says; the shard changed since it was indexed.")
         return dict(image=data if len(data) == size else b"", caption=self.captions[index], id=index, path=path)
