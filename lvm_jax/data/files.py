@@ -17,6 +17,7 @@ import glob as globlib
 import importlib.util
 import os
 import posixpath
+import secrets
 from collections.abc import Iterable
 from typing import IO, Any
 
@@ -234,6 +235,12 @@ def download(url: str, local: str) -> None:
     """Copies the object `url` to the local file (through a temporary name, then renamed)."""
     fs, inner = _fs(url)
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-    tmp = f"{local}.part{os.getpid()}"
-    fs.get_file(inner, tmp)
-    os.replace(tmp, local)
+    # This writer's own name: hosts sharing a disk (equal pids on different hosts) or threads of one
+    # process never rename each other's partial file.
+    tmp = f"{local}.part{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        fs.get_file(inner, tmp)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
