@@ -13,6 +13,12 @@ images have no labels of their own).  Class names come from the curated source.
 The ``eval`` split is the curated source's eval split, so evaluation measures
 the same classes on held-out images.
 
+Manifest ids are positions, so each rebuilt source is checked against what was embedded: its record
+count must equal ``index.json``'s ``count``, and where the embedding recorded file paths
+(``paths_*.json``) a sample of them (the first and last shard) must name the same files (by
+their last two path parts: data moved to another root or bucket still matches).  If the
+data changed since curation, a UserError says so instead of pairing images with other images' labels.
+
 Records: ``dict(image=uint8 [H, W, 3] or encoded bytes, label=int, id=int)``
 (+ ``caption`` / ``path`` where the underlying source has them).
 """
@@ -95,6 +101,49 @@ def _read_index(emb_dir: str) -> dict | None:
   return json.loads(files.read_bytes(meta_file))
 
 
+_PATH_SAMPLES = 8  # recorded paths compared per checked shard
+
+
+def _path_at(source, index: int) -> str | None:
+  for attr in ("paths", "image_paths"):  # ImageFolder, CaptionsSource: no image read needed
+    paths = getattr(source, attr, None)
+    if isinstance(paths, (list, tuple)):
+      return paths[index]
+  return source[index].get("path")
+
+
+def _tail(path: str) -> tuple[str, ...]:
+  """The last two path parts (class folder / file name): data moved to another root or bucket, or a
+  path recorded relative vs absolute, still names the same image."""
+  return tuple(path.replace("\\", "/").rstrip("/").split("/")[-2:])
+
+
+def _check_unchanged(source, emb_dir: str, meta: dict, key: str) -> None:
+  """Raises UserError when `source` no longer holds the records embedded into `emb_dir`."""
+  from lvm_jax.curation.index import shard_file
+  fix = ("the data changed since curation; restore it, or re-run `lvm-curate embed` / `lvm-curate run` "
+         "with a new --out to curate the current data.")
+  count = meta.get("count")
+  if count is not None and int(count) != len(source):
+    raise UserError(f"the {key} source rebuilt for {emb_dir} has {len(source)} records but {int(count)} "
+                    f"were embedded: {fix}")
+  num_shards, shard_size = int(meta.get("num_shards", 0) or 0), int(meta.get("shard_size", 0) or 0)
+  for s in sorted({0, num_shards - 1} if num_shards and shard_size else ()):
+    paths_file = files.join(emb_dir, shard_file("paths", s, "json"))
+    if not files.isfile(paths_file):
+      continue
+    recorded = json.loads(files.read_bytes(paths_file))
+    picks = sorted(set(np.linspace(0, len(recorded) - 1, min(_PATH_SAMPLES, len(recorded))).astype(int)))
+    for j in picks:
+      index = s * shard_size + int(j)
+      if index >= len(source):
+        continue
+      now = _path_at(source, index)
+      if now is not None and recorded[j] is not None and _tail(now) != _tail(recorded[j]):
+        raise UserError(f"record {index} of the {key} source rebuilt for {emb_dir} is {now!r} but "
+                        f"{recorded[j]!r} was embedded: {fix}")
+
+
 def _resolve_input(root: str, recorded: str) -> str:
   """The embedding directory summary.json names, or -- when the output was moved or copied (e.g.
   `gsutil cp -r` into a bucket) -- its namesake under ``root/embeddings``."""
@@ -129,6 +178,7 @@ class ManifestSource:
                         "or `lvm-curate run` to train on the manifest.")
       ids, set_labels = read_ids_labels(path, meta)
       self.sources[kind], metas[kind] = open_image_source(meta["source"]), meta
+      _check_unchanged(self.sources[kind], path, meta, key)
       if kind == "curated":
         labels = dict(zip(ids.tolist(), (set_labels if set_labels is not None
                                          else np.full(len(ids), -1)).tolist()))

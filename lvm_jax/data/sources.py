@@ -13,7 +13,14 @@ Config fields read here (all optional):
   synthetic: data.synthetic.{num_train=50000, num_eval=10000, seed=0, image_size
              (default data.image_size), num_classes=10, cache=None (auto)} and
              any ``synthetic.Difficulty`` field (size_range, max_rotation, ...).
-  folder:    data.path (a directory, gs:// or s3:// URL), data.holdout_fraction=0.1, data.holdout_seed=0.
+  folder:    data.path (a directory, gs:// or s3:// URL), data.holdout_fraction=0.1, data.holdout_seed=0,
+             data.decode_errors='skip' (an unreadable file becomes an empty record that DecodeImage
+             counts and drops; 'raise' stops naming the file).
+             Layouts: root/train/<class>/ + root/val/<class>/ (or eval/, validation/) are the two
+             splits; root/train/<class>/ alone is held out from (a root/test/ is not used: rename it
+             root/val to evaluate on it); root/<class>/ is held out from.  A class folder without
+             images is not a class (a bucket copy has no empty folders, so local and bucket copies get
+             the same labels); it is logged and dropped.
   tfds:      data.name, data.path (data_dir), data.train_split='train',
              data.eval_split='validation', data.image_key='image', data.label_key='label'.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 from typing import Any, Callable
 
@@ -28,6 +36,8 @@ import numpy as np
 
 from lvm_jax.data import files
 from lvm_jax.data.synthetic import Difficulty, SyntheticShapes
+
+log = logging.getLogger(__name__)
 
 SourceFactory = Callable[[Any, str], Any]
 SOURCES: dict[str, SourceFactory] = {}
@@ -108,7 +118,9 @@ def _list_images(class_dir: str) -> list[str]:
 
 
 def scan_image_folder(root: str) -> tuple[list[str], list[list[str]]]:
-  """Class names (sorted sub-folders of root) and the image paths of each class (root may be gs://)."""
+  """Class names (sorted sub-folders of root that hold images) and the image paths of each class
+  (root may be gs://).  Folders without images are dropped with a warning, locally as in a bucket,
+  which has no empty folders: otherwise the two copies would number their classes differently."""
   if not files.isdir(root):
     raise ValueError(f"image folder {root!r} does not exist; set data.path to {_FOLDER_LAYOUT}.")
   if files.is_url(root):
@@ -122,6 +134,11 @@ def scan_image_folder(root: str) -> tuple[list[str], list[list[str]]]:
   if not any(images):
     raise ValueError(f"image folder {root!r} has class folders {classes[:5]} but no images "
                      f"with extensions {IMAGE_EXTENSIONS}; expected {_FOLDER_LAYOUT}.")
+  empty = [c for c, fs in zip(classes, images) if not fs]
+  if empty:
+    log.warning("image folder %r: ignoring %d class folder(s) without images %s; they are not classes "
+                "(an object-store copy has no empty folders).", root, len(empty), empty[:5])
+    classes, images = map(list, zip(*[(c, fs) for c, fs in zip(classes, images) if fs]))
   return classes, images
 
 
@@ -141,10 +158,15 @@ def _scan_bucket_folder(root: str) -> tuple[list[str], list[list[str]]]:
 class ImageFolder:
   """Encoded images with integer labels; records carry bytes, decoded by the transforms.
 
-  Records: ``dict(image=bytes, label=int, id=int, path=str)``.
+  Records: ``dict(image=bytes, label=int, id=int, path=str)``.  A file that cannot be read (deleted,
+  dangling link, bucket error) gives ``image=b""`` under errors='skip' (DecodeImage counts and drops
+  it; ``missing_images`` counts it in this process) and a ValueError naming it under 'raise'.
   """
 
-  def __init__(self, paths: list[str], labels: list[int], class_names: list[str], root: str = ""):
+  def __init__(self, paths: list[str], labels: list[int], class_names: list[str], root: str = "",
+               errors: str = "skip"):
+    if errors not in ("skip", "raise"):
+      raise ValueError(f"data.decode_errors must be 'skip' or 'raise', got {errors!r}.")
     if not paths:
       raise ValueError(f"image folder {root!r} yields an empty split; add images or lower "
                        "data.holdout_fraction.")
@@ -153,6 +175,8 @@ class ImageFolder:
     self.class_names = tuple(class_names)
     self.num_classes = len(class_names)
     self.root = root
+    self.errors = errors
+    self.missing_images = 0  # per process: files found missing/unreadable at read time
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -162,17 +186,33 @@ class ImageFolder:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     path = self.paths[index]
-    return dict(image=files.read_bytes(path), label=int(self.labels[index]), id=int(index), path=path)
+    try:
+      data = files.read_bytes(path)
+    except OSError as e:
+      if self.errors == "raise":
+        raise ValueError(f"image {path!r} of {self.root!r} cannot be read ({type(e).__name__}: {e}); "
+                         "restore or remove the file, or set data.decode_errors='skip' to drop it.") from e
+      self.missing_images += 1
+      log.warning("cannot read image %r (%s: %s); skipping it", path, type(e).__name__, e)
+      data = b""  # DecodeImage(errors='skip') counts and drops it
+    return dict(image=data, label=int(self.labels[index]), id=int(index), path=path)
 
 
-def _split_dirs(root: str) -> tuple[str, str] | None:
+_EVAL_DIRS = ("val", "eval", "validation")
+_SPLIT_NAMES = ("train", "test") + _EVAL_DIRS
+
+
+def _split_dirs(root: str) -> tuple[str, str | None] | None:
+  """(root/train, root/val|eval|validation or None), or None without a root/train folder."""
   train = files.join(root, "train")
   if not files.isdir(train):
     return None
-  for name in ("val", "eval", "validation"):
+  if any(p.lower().endswith(IMAGE_EXTENSIONS) for p in files.glob(files.join(train, "*"))):
+    return None  # images right in root/train: a class called 'train' (vehicles, say), not a split
+  for name in _EVAL_DIRS:
     if files.isdir(files.join(root, name)):
       return train, files.join(root, name)
-  return None
+  return train, None
 
 
 def holdout_fraction(data_cfg: Any) -> float:
@@ -204,13 +244,23 @@ def holdout_split(files_per_class: list[list[str]], fraction: float, seed: int =
 
 
 def build_image_folder(root: str, split: str, holdout_fraction: float = 0.1,
-                       holdout_seed: int = 0) -> ImageFolder:
-  """ImageFolder for `split`, using root/train + root/val when present, else a hold-out."""
+                       holdout_seed: int = 0, errors: str = "skip") -> ImageFolder:
+  """ImageFolder for `split`: root/train + root/val (or eval/, validation/) when present; a hold-out
+  of root/train when only it exists (as torchvision's ImageFolder(root/train) would read it); else
+  a hold-out of root/<class>/."""
   if not root:
     raise ValueError(f"data.path is empty; set it to {_FOLDER_LAYOUT}.")
   files.check(root)
   root = files.expand(root)
   dirs = _split_dirs(root) if files.isdir(root) else None
+  if dirs is not None and dirs[1] is None:
+    if files.isdir(files.join(root, "test")):
+      log.warning("image folder %r has train/ and test/ but no val/: holding out %.0f%% of train/ for "
+                  "evaluation; rename test/ to val/ to evaluate on it.", root, 100 * holdout_fraction)
+    classes, images = scan_image_folder(dirs[0])
+    train, held = holdout_split(images, holdout_fraction, holdout_seed)
+    pairs = train if split == "train" else held
+    return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes, dirs[0], errors)
   if dirs is not None:
     classes, images = scan_image_folder(dirs[0])
     if split == "train":
@@ -224,17 +274,22 @@ def build_image_folder(root: str, split: str, holdout_fraction: float = 0.1,
       index = {c: i for i, c in enumerate(classes)}
       pairs = [(p, index[c]) for c, fs in zip(eval_classes, eval_files) for p in fs]
     return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes,
-                       dirs[0] if split == "train" else dirs[1])
+                       dirs[0] if split == "train" else dirs[1], errors)
   classes, images = scan_image_folder(root)
+  if set(classes) <= set(_SPLIT_NAMES):
+    raise ValueError(f"image folder {root!r} holds only split folders {classes} and no train/; put the "
+                     f"training images in {files.join(root, 'train')}/<class>/ (or point data.path at "
+                     "the folder of class folders).")
   train, held = holdout_split(images, holdout_fraction, holdout_seed)
   pairs = train if split == "train" else held
-  return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes, root)
+  return ImageFolder([p for p, _ in pairs], [l for _, l in pairs], classes, root, errors)
 
 
 def _folder(data_cfg, split: str) -> ImageFolder:
   return build_image_folder(data_cfg.get("path", "") or "", split,
                             holdout_fraction(data_cfg),
-                            int(data_cfg.get("holdout_seed", 0) or 0))
+                            int(data_cfg.get("holdout_seed", 0) or 0),
+                            data_cfg.get("decode_errors", "skip") or "skip")
 
 
 register_source("folder", _folder)
@@ -293,6 +348,18 @@ def build_tfds(name: str, split: str, data_dir: str | None = None, image_key: st
     raise ValueError(f"TFDS data set {name!r} is not available ({type(e).__name__}: {e}); {how}") from e
   if not builder.is_prepared():
     raise ValueError(f"TFDS data set {name!r} is not prepared in {where!r}; {how}")
+  available = sorted(builder.info.splits.keys())
+  # A split spec may slice and join splits ("train[:90%]+test"); each part names a prepared split.
+  wanted = [part.split("[", 1)[0].strip() for part in str(split).split("+")]
+  unknown = [w for w in wanted if w not in available]
+  if available and unknown:
+    raise ValueError(f"TFDS data set {name!r} has no split {unknown[0]!r} (its splits: {available}); set "
+                     "data.train_split / data.eval_split to one of them (e.g. data.eval_split='test').")
+  features = sorted(builder.info.features.keys()) if hasattr(builder.info.features, "keys") else []
+  for field, key in (("image_key", image_key), ("label_key", label_key)):
+    if features and key not in features:
+      raise ValueError(f"TFDS data set {name!r} has no feature {key!r} (its features: {features}); set "
+                       f"data.{field} to one of them.")
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None,
                               download=False)
