@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import os
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import ml_collections
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,3 +58,16 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
                 "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@functools.lru_cache(maxsize=None)
+def convert_fixtures() -> tuple[Any, dict, dict]:
+    """(scripts/make_convert_fixtures.py as a module, its cases.json, its golden outputs.npz).
+
+    The converter tests share these: the script that wrote the fixtures also rebuilds each case's
+    checkpoint files (scripts/ is not a package, so it is loaded by path)."""
+    spec = importlib.util.spec_from_file_location("make_convert_fixtures", ROOT / "scripts" / "make_convert_fixtures.py")
+    fx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fx)
+    return fx, json.loads((fx.FIXTURES / "cases.json").read_text()), dict(np.load(fx.FIXTURES / "outputs.npz"))
+

@@ -5,9 +5,7 @@ every predictable mistake must end in one ConversionError/FileNotFoundError sent
 offending keys, never a deep trace.
 """
 import builtins
-import importlib.util
 import json
-import pathlib
 import struct
 
 import jax
@@ -20,12 +18,9 @@ from lvm_jax import convert
 from lvm_jax.convert.__main__ import main as convert_main
 from lvm_jax.convert.core import ConversionError, flatten
 from lvm_jax.convert.readers import read_checkpoint, read_npz, read_safetensors, read_torch
+from tests.helpers import convert_fixtures
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_convert_fixtures", ROOT / "scripts" / "make_convert_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
-CASES = json.loads((fx.FIXTURES / "cases.json").read_text())
+fx, CASES, _ = convert_fixtures()
 
 
 # --- readers --------------------------------------------------------------------------------------

@@ -5,9 +5,6 @@ must equal the pretrained model run at that resolution (position table resampled
 source library would at run time), in the task's scan_layers layout, with each leaf keeping the
 target's sharding; a head for another label set keeps its init.
 """
-import importlib.util
-import json
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -20,12 +17,9 @@ from lvm_jax.convert.__main__ import main as convert_main
 from lvm_jax.convert.core import ConversionError, flatten
 from lvm_jax.models import ViT
 from lvm_jax.models.clip import CLIP
+from tests.helpers import convert_fixtures
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_convert_fixtures", ROOT / "scripts" / "make_convert_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
-CASES = json.loads((fx.FIXTURES / "cases.json").read_text())
+fx, CASES, _ = convert_fixtures()
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,15 @@ the weights are regenerated from the manifest, written in the real layout, conve
 must match the references within 1e-4 -- including DINOv2 and HF models at resolutions other than
 their checkpoints'.
 """
-import importlib.util
-import json
-import pathlib
 
 import numpy as np
 import pytest
 
 from lvm_jax import convert
 from lvm_jax.models.clip import CLIP
+from tests.helpers import convert_fixtures
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_convert_fixtures", ROOT / "scripts" / "make_convert_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
-CASES = json.loads((fx.FIXTURES / "cases.json").read_text())
-OUTPUTS = dict(np.load(fx.FIXTURES / "outputs.npz"))
+fx, CASES, OUTPUTS = convert_fixtures()
 VIT_OUTPUTS = {"cls": "cls", "registers": "registers", "patch": "patch_tokens", "logits": "logits",
                "pooled": "pooled", "pre_logits": "pre_logits"}
 

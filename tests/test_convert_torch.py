@@ -6,7 +6,6 @@
 - save_hf output loads in transformers and reproduces the original model / another library's model;
 - real sizes (B/16, L/14, g/14) map without allocating: shape-only conversion of meta-device models.
 """
-import importlib.util
 import json
 import pathlib
 
@@ -23,13 +22,9 @@ pytest.importorskip("open_clip")
 from lvm_jax import convert  # noqa: E402
 from lvm_jax.convert.core import flatten  # noqa: E402
 from lvm_jax.convert.readers import Checkpoint  # noqa: E402
+from tests.helpers import convert_fixtures  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_convert_fixtures", ROOT / "scripts" / "make_convert_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
-CASES = json.loads((fx.FIXTURES / "cases.json").read_text())
-OUTPUTS = dict(np.load(fx.FIXTURES / "outputs.npz"))
+fx, CASES, OUTPUTS = convert_fixtures()
 
 
 def test_golden_fixture_is_what_the_torch_libraries_compute():

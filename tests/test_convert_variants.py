@@ -14,9 +14,7 @@
 Weights are the golden fixture's deterministic N(0, 0.1^2) draws (LayerNorm scales 1 + N(0, 0.1^2)), so no
 parameter sits at a zero init that could hide a mapping error.
 """
-import importlib.util
 import json
-import pathlib
 import re
 
 import flax.linen as nn
@@ -27,13 +25,9 @@ import pytest
 
 from lvm_jax import convert
 from lvm_jax.convert.core import flatten
+from tests.helpers import convert_fixtures
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_convert_fixtures", ROOT / "scripts" / "make_convert_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
-CASES = json.loads((fx.FIXTURES / "cases.json").read_text())
-OUTPUTS = dict(np.load(fx.FIXTURES / "outputs.npz"))
+fx, CASES, OUTPUTS = convert_fixtures()
 ATOL = 1e-5
 CLIP_TOKENS = dict(kind="clip", vocab=100, length=16)  # EOT (99) at 5, 9, 15; zero padding after it
 
