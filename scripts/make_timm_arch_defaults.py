@@ -110,8 +110,12 @@ def generate() -> dict[str, Any]:
         # VisionTransformer's parts follow from its keys.)
         tensors = {k: jax.ShapeDtypeStruct(tuple(v.shape), np.float32)
                    for k, v in model.state_dict().items() if v.is_floating_point()}
+        # A SwiGLU's own gate activation is what its act_layer names (the converter refuses a non-SiLU gate).
+        mlp = getattr(block, "mlp", None)
+        gate = getattr(mlp, "act", None) if mlp is not None and type(mlp) is not Mlp else None
+        act_layer = (_probe_act(gate) if gate is not None else None) or act or "gelu"
         config = {"global_pool": model.global_pool, "num_classes": model.num_classes,
-                  "model_args": {"num_heads": heads, "act_layer": act or "gelu", "depth": 1}}
+                  "model_args": {"num_heads": heads, "act_layer": act_layer, "depth": 1}}
         try:
             if heads is None or (act_module is not None and act is None) or len(eps) != 1:
                 raise ConversionError(f"x: heads {heads}, activation {act_module}, LayerNorm eps {sorted(eps)}")
