@@ -1,30 +1,19 @@
 """Edge cases of the caption-file and webdataset sources (audit s16 B2-B6, B10, B11), on tiny temp files."""
 import csv
 import hashlib
-import io
 import json
 import os
 import resource
-import tarfile
 
 import ml_collections
 import pytest
 
 from lvm_jax.data import captions as C
+from tests.test_captions import _write_shard
 
 
 def _cfg(**kw):
     return ml_collections.ConfigDict(dict(dict(decode_errors="skip", holdout_fraction=0.1, holdout_seed=0), **kw))
-
-
-def _write_shard(path, samples):
-    """samples: list of (key, {ext: bytes})."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def _images(tmp_path, n=5):
