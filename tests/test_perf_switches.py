@@ -35,6 +35,9 @@ def _outputs_and_grads(monkeypatch, values):
   return params, logits, grads
 
 
+# ~47 s on 2 cores: the slow tier. The switches also have tests of their own in the default tier
+# (fused q/k/v placement, sequence padding, Pallas LayerNorm, folded affine, GELU recompute).
+@pytest.mark.slow
 def test_every_switch_combination_gives_the_same_params_outputs_and_gradients(monkeypatch):
   ref_params, ref_logits, ref_grads = _outputs_and_grads(monkeypatch, COMBOS[0])
   for combo in COMBOS[1:]:
