@@ -19,7 +19,7 @@ class Preempted(Exception):
 
     Not an error in the run: rerunning the same command resumes from `step`. lvm-train
     prints the message and exits with PREEMPTED_EXIT_CODE. An eval due at `step` is skipped
-    (the grace period goes to the save); `lvm-eval` runs it on that checkpoint.
+    (the grace period goes to the save); the resumed run runs it first.
     """
 
     def __init__(self, step: int, total_steps: int, checkpoint_dir: str):
