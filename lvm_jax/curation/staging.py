@@ -29,14 +29,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterable
 
+from etils import epath
 from tqdm import tqdm
 
 from lvm_jax.data import files
 from lvm_jax.errors import UserError
-from lvm_jax.workdir import is_remote
+from lvm_jax.workdir import is_remote, write_whole
 
 # Directories never uploaded: the XLA compile cache is machine-specific (see lvm_jax.compile_cache).
 LOCAL_ONLY_DIRS = ("compile_cache",)
@@ -113,18 +113,9 @@ class Mirror:
             return {}
 
     def _save_state(self) -> None:
-        """Writes STATE_FILE atomically through a temporary name unique to this writer: processes
-        sharing the stage must not rename each other's half-written (or already moved) file."""
-        os.makedirs(self.local, exist_ok=True)
-        path = os.path.join(self.local, STATE_FILE)
-        tmp = f"{path}.tmp{os.getpid()}.{secrets.token_hex(6)}"  # a _temporary() name: never uploaded
-        try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(self._synced))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # write_whole renames a temporary name of this writer's own (processes sharing the stage never
+        # move each other's file), and that name is a _temporary() one: never uploaded if left behind.
+        write_whole(epath.Path(self.local) / STATE_FILE, json.dumps(self._synced))
 
     def _download(self, rel: str, version: str) -> None:
         files.download(self.location(rel), self.path(rel))

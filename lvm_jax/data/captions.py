@@ -56,11 +56,9 @@ import logging
 import os
 import posixpath
 import re
-import socket
 import sys
 import tarfile
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -392,19 +390,9 @@ def _cached_index(path: str, errors: str, index_dir: str | None):
     samples, skipped = index_shard(path, errors)
     text = json.dumps({"shard": path if files.is_url(path) else os.path.abspath(path),
                        "samples": samples, "skipped": skipped})
-    if files.is_url(cache):
-        write_whole(epath.Path(cache), text)  # an object upload is all-or-nothing
-        return samples, skipped
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    # Hosts sharing an NFS index_dir can run with equal PIDs: the name must be unique across hosts.
-    tmp = f"{cache}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, cache)  # atomic: concurrent processes never read a partial index
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Atomic (an object upload, or a rename of a temporary name unique to this writer: hosts sharing
+    # an NFS index_dir can run with equal PIDs), so concurrent processes never read a partial index.
+    write_whole(epath.Path(cache), text)
     return samples, skipped
 
 
