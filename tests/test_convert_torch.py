@@ -206,3 +206,33 @@ def test_big_vision_so400m_siglip_maps_without_allocating(tmp_path):
     model, variables = convert.from_checkpoint(Checkpoint(tensors, {}, {}, tmp_path / "siglip_so400m.npz"))
     assert _count(variables["params"]) == sum(int(np.prod(s)) for _, s in manifest)
     assert model.vision["num_heads"] == 16 and model.vision["image_size"] == 378 and not model.image_projection
+
+
+# --- layer-wise lr decay == timm's ---------------------------------------------------------------
+
+def test_layer_decay_multipliers_match_timm_param_groups_on_a_clip_style_tower():
+    """Per-parameter lr scales of optim.layer_decay_scales vs timm's param_groups_layer_decay on the same
+    tower (ln_pre, class token, avg pool + fc_norm, head), matched through the converter: a state dict
+    whose every tensor is filled with its timm lr scale converts to our tree of scales."""
+    import timm
+    from timm.optim._param_groups import param_groups_layer_decay
+
+    from lvm_jax.optim import layer_decay_scales
+
+    torch.manual_seed(0)
+    depth, decay = 3, 0.75
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2, pre_norm=True,
+        global_pool="avg", fc_norm=True, num_classes=5)
+    groups = param_groups_layer_decay(model, weight_decay=0.0, layer_decay=decay)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    filled = {n: np.full(tuple(p.shape), scale_of[id(p)], np.float32) for n, p in model.named_parameters()}
+    assert {round(s, 6) for s in scale_of.values()} == {round(decay ** i, 6) for i in range(depth + 2)}
+    ours, variables = convert.from_checkpoint(Checkpoint(filled, {}, {}, pathlib.Path("timm_tower.pth")),
+                                              "timm", num_heads=2)
+    assert ours.pre_norm and ours.depth == depth
+    timm_scales = flatten(variables["params"])
+    our_scales = flatten(layer_decay_scales(variables["params"], depth, decay))
+    assert set(our_scales) == set(timm_scales)
+    for key, value in timm_scales.items():
+        np.testing.assert_allclose(np.broadcast_to(our_scales[key], value.shape), value, rtol=1e-6, err_msg=key)
