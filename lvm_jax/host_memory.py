@@ -82,16 +82,39 @@ def configure_host_allocator(mode: str | None = None) -> str:
   if mode == "system":
     _applied = "system: C library defaults"
     return _applied
+  preloaded = _preloaded_allocator()
+  if preloaded:
+    # glibc's mallopt still answers, but malloc is the preloaded one's: the settings would do nothing.
+    _applied = f"system: LD_PRELOAD replaces malloc with {preloaded}, so 'retain' does not apply"
+    return _applied
   libc = _glibc()
   if libc is None:
     _applied = "system: not glibc, so 'retain' does not apply"
     return _applied
-  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM), (_M_ARENA_MAX, 1))
-  ok = all(libc.mallopt(param, value) == 1 for param, value in settings)
+  settings = {"M_MMAP_MAX=0": (_M_MMAP_MAX, 0), "M_TRIM_THRESHOLD=-1": (_M_TRIM_THRESHOLD, _NEVER_TRIM),
+              "M_ARENA_MAX=1": (_M_ARENA_MAX, 1)}
+  # Every setting is tried (not all(...), which stopped at the first refusal): each one helps by itself.
+  accepted = [name for name, (param, value) in settings.items() if libc.mallopt(param, value) == 1]
+  refused = [name for name in settings if name not in accepted]
   version = libc.gnu_get_libc_version().decode()
-  _applied = f"retain: glibc {version} mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1, M_ARENA_MAX=1)" if ok else \
-      f"system: glibc {version} refused mallopt"
+  if not accepted:
+    _applied = f"system: glibc {version} refused mallopt"
+  else:
+    _applied = f"retain: glibc {version} mallopt({', '.join(accepted)})" + (
+        f"; refused {', '.join(refused)}" if refused else "")
   return _applied
+
+
+_REPLACEMENT_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc", "hoard", "snmalloc")
+
+
+def _preloaded_allocator() -> str | None:
+  """The malloc replacement named in $LD_PRELOAD (tcmalloc, jemalloc, ...), or None."""
+  for entry in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+    base = os.path.basename(entry)
+    if any(name in base for name in _REPLACEMENT_ALLOCATORS):
+      return base
+  return None
 
 
 def applied() -> str | None:

@@ -105,3 +105,41 @@ def test_retain_covers_other_threads_and_never_trims_a_multi_gigabyte_free():
   assert retain["thread_mmapped"] == 0, retain
   # M_TRIM_THRESHOLD=-1: the freed 2.5 GiB stays in the heap (2^31-1, the largest finite threshold, trims it).
   assert retain["heap_after_free"] >= 5 << 29, retain
+
+
+class _FakeGlibc:
+  """mallopt refuses the parameters in `refuse` and records every call."""
+
+  def __init__(self, refuse: set[int]):
+    self.refuse, self.calls = refuse, []
+
+  def mallopt(self, param: int, value: int) -> int:
+    self.calls.append(param)
+    return 0 if param in self.refuse else 1
+
+  def gnu_get_libc_version(self) -> bytes:
+    return b"2.99"
+
+
+def test_every_setting_is_tried_and_a_refusal_is_named(monkeypatch):
+  # The first one refused used to stop the rest (all(...) short-circuits) and report "system".
+  fake = _FakeGlibc(refuse={host_memory._M_MMAP_MAX})
+  monkeypatch.setattr(host_memory, "_glibc", lambda: fake)
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
+  done = host_memory.configure_host_allocator("retain")
+  assert sorted(fake.calls) == sorted([host_memory._M_MMAP_MAX, host_memory._M_TRIM_THRESHOLD,
+                                       host_memory._M_ARENA_MAX])
+  assert done == "retain: glibc 2.99 mallopt(M_TRIM_THRESHOLD=-1, M_ARENA_MAX=1); refused M_MMAP_MAX=0"
+  fake = _FakeGlibc(refuse={host_memory._M_MMAP_MAX, host_memory._M_TRIM_THRESHOLD, host_memory._M_ARENA_MAX})
+  monkeypatch.setattr(host_memory, "_glibc", lambda: fake)
+  assert host_memory.configure_host_allocator("retain") == "system: glibc 2.99 refused mallopt"
+
+
+def test_a_preloaded_malloc_is_reported_not_configured(monkeypatch):
+  # glibc's mallopt still returns 1 under tcmalloc, so this reported "retain: glibc" for settings that do nothing.
+  fake = _FakeGlibc(refuse=set())
+  monkeypatch.setattr(host_memory, "_glibc", lambda: fake)
+  monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+  assert host_memory.configure_host_allocator("retain") == (
+      "system: LD_PRELOAD replaces malloc with libtcmalloc_minimal.so.4, so 'retain' does not apply")
+  assert fake.calls == []
