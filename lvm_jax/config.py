@@ -116,15 +116,28 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[
     """
     spec, overrides, rest = None, [], []
     args = list(argv)
+
+    def set_spec(value: str) -> None:
+        nonlocal spec
+        if not value:
+            raise UserError("--config needs a config file; pass e.g. --config configs/vit_synthetic.py.")
+        if spec is not None and value != spec:
+            # The second used to replace the first silently; overrides go through --config.a.b=v.
+            raise UserError(f"--config was given twice ({spec!r} and {value!r}); pass one config file and "
+                            "change its fields with --config.a.b=VALUE.")
+        spec = value
+
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "--config" and i + 1 < len(args):
-            spec = args[i + 1]
+        if arg == "--config":
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                set_spec("")
+            set_spec(args[i + 1])
             i += 2
             continue
         if arg.startswith("--config="):
-            spec = arg.split("=", 1)[1]
+            set_spec(arg.split("=", 1)[1])
         elif arg.startswith("--config."):
             body = arg[len("--config."):]
             if "=" not in body and i + 1 < len(args) and not args[i + 1].startswith("--"):

@@ -52,3 +52,18 @@ def test_numeric_fields_take_inf_and_refuse_booleans():
     for override in ("optim.lr=True", "total_steps=False"):  # ConfigDict took them as 1 and 0
         with pytest.raises(UserError, match="expects a (float|int) but got '(True|False)'; pass a number"):
             load_config(str(ROOT / "configs" / "vit_synthetic.py"), [override])
+
+
+def test_config_args_split_and_a_second_or_empty_config_is_refused():
+    from lvm_jax.config import split_config_args
+    from lvm_jax.errors import UserError
+
+    assert split_config_args(["--config", "a.py", "--config.optim.lr", "0.1", "--workdir", "w"]) == (
+        "a.py", ["optim.lr=0.1"], ["--workdir", "w"])
+    assert split_config_args(["--config=a.py", "--config", "a.py"])[0] == "a.py"  # the same file twice is fine
+    # A second file silently replaced the first; a trailing --config became argparse's "unrecognized arguments".
+    with pytest.raises(UserError, match=r"--config was given twice \('a.py' and 'b.py'\); pass one config file"):
+        split_config_args(["--config", "a.py", "--workdir", "w", "--config=b.py"])
+    for argv in (["--workdir", "w", "--config"], ["--config", "--workdir", "w"], ["--config="]):
+        with pytest.raises(UserError, match="--config needs a config file"):
+            split_config_args(argv)
