@@ -183,6 +183,8 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:  # the torn last line of a run killed mid-write
                 continue
+            if not isinstance(record, dict) or not isinstance(record.get("step", 0), (int, float)):
+                continue  # not a record of ours (a hand edit, a stray write): dropped like a torn line
             if record.get("step", 0) <= resume_step:
                 self.records.append(record)
         self._unsaved = len(self.records) != len(lines)

@@ -45,6 +45,9 @@ def test_metrics_log_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_pat
     log.append({"step": 4, "loss": 0.2})
     assert _steps(path) == [1, 2, 3, 4]  # a local file is appended to at once
     assert workdir.MetricsLog(path, resume_step=0).records == [] and path.read_text() == ""
+    # Valid JSON that is not a record (a stray write or hand edit) was an AttributeError at resume.
+    path.write_text('{"step": 1, "loss": 1.0}\n[1, 2]\n"text"\n{"step": "two"}\n{"step": 2, "loss": 0.5}\n')
+    assert [r["step"] for r in workdir.MetricsLog(path, resume_step=5).records] == [1, 2] and _steps(path) == [1, 2]
 
 
 def test_a_bucket_metrics_log_uploads_at_most_every_interval_and_on_flush(tmp_path, monkeypatch):
