@@ -59,11 +59,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Restores into the shapes/shardings of `abstract_state` (a tree of ShapeDtypeStruct)."""
-        saved = self.manager.all_steps()
-        if step not in saved:
-            listed = ", ".join(map(str, sorted(saved))) or "none"
-            raise UserError(f"No checkpoint of step {step} in {self.directory} (saved steps: {listed}); "
-                            "pass one of those.")
+        self.require_step(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
@@ -76,6 +72,14 @@ class Checkpointer:
             raise UserError(f"The checkpoint {self.directory}/{step} was trained with another model config ({detail}); "
                             "use the config the run was trained with (the run's config.json records it).") from e
         return restored["state"]
+
+    def require_step(self, step: int) -> None:
+        """Raises a UserError listing the saved steps when `step` has no checkpoint."""
+        saved = self.manager.all_steps()
+        if step not in saved:
+            listed = ", ".join(map(str, sorted(saved))) or "none"
+            raise UserError(f"No checkpoint of step {step} in {self.directory} (saved steps: {listed}); "
+                            "pass one of those.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

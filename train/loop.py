@@ -391,28 +391,34 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
                         step: int | None = None) -> dict[str, float]:
     """Restores the latest (or given) checkpoint in `workdir` (a path or gs:// URL) and runs the task's evals."""
     workdir = run_dir.as_path(workdir)
-    config = with_default_index_dir(config, workdir)
-    mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
-    task = get_task(config, mesh)
-    # The schedules (and their warmup check) need the training run's length, as in train_and_evaluate;
-    # a run counted in epochs needs the train set's size for it.
-    num_train = len(task.train_source()) if config.get("total_epochs") and not config.get("total_steps") else 0
-    task.total_steps = resolve_total_steps(config, num_train)
-    task.workdir = workdir
     if not (workdir / "checkpoints").exists():  # checked first: the Checkpointer would create it
         raise UserError(f"No checkpoint in {workdir / 'checkpoints'}; train first with lvm-train --workdir {workdir}.")
-    _warn_if_model_differs(config, workdir / "config.json")
+    # The checkpoint is looked up before the task is built: a run counted in epochs lists its whole train
+    # set below, minutes on a bucket, which a mistyped --step should not wait for.
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"No checkpoint in {workdir / 'checkpoints'}; train first with lvm-train --workdir {workdir}.")
-    rng = jax.random.PRNGKey(0)
-    abstract, shardings = abstract_state(task, mesh, rng)
-    # The training run's cache holds its eval programs.
-    with sharding.mesh_context(mesh), compile_cache.use(config.get("compile_cache_dir", ""), workdir):
-        state = checkpointer.restore(step, restore_target(abstract, shardings))
-        result = task.evaluate(state, step)
-    checkpointer.close()
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"No checkpoint in {workdir / 'checkpoints'}; train first with lvm-train --workdir "
+                            f"{workdir}.")
+        checkpointer.require_step(step)
+        _warn_if_model_differs(config, workdir / "config.json")
+        config = with_default_index_dir(config, workdir)
+        mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
+        task = get_task(config, mesh)
+        # The schedules (and their warmup check) need the training run's length, as in train_and_evaluate;
+        # a run counted in epochs needs the train set's size for it.
+        num_train = len(task.train_source()) if config.get("total_epochs") and not config.get("total_steps") else 0
+        task.total_steps = resolve_total_steps(config, num_train)
+        task.workdir = workdir
+        rng = jax.random.PRNGKey(0)
+        abstract, shardings = abstract_state(task, mesh, rng)
+        # The training run's cache holds its eval programs.
+        with sharding.mesh_context(mesh), compile_cache.use(config.get("compile_cache_dir", ""), workdir):
+            state = checkpointer.restore(step, restore_target(abstract, shardings))
+            result = task.evaluate(state, step)
+    finally:
+        checkpointer.close()
     if jax.process_index() == 0:
         run_dir.write_json(workdir / "eval" / f"lvm_eval_step_{step:08d}.json", {"step": step, **result})
     return result
