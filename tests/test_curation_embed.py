@@ -125,7 +125,12 @@ def test_run_end_to_end(curated_run):
     assert all(d["kept"] == d["id"] - 140 for d in dups if d["id"] in range(140, 150))
     assert summary["counts"]["curated"] == 40 and summary["counts"]["pool"] == 150
     assert os.path.isfile(out / "report.html") and os.path.isfile(out / "retrieval.png")
-    assert {"embed", "index", "retrieval"} <= set(summary["timings_s"])
+    timings = summary["timings_s"]
+    assert {"embed", "index", "retrieval"} <= set(timings)
+    # The total includes the embedding time (it was the curation steps' sum only).
+    assert timings["total"] == pytest.approx(sum(v for k, v in timings.items()
+                                                 if k != "total" and not isinstance(v, bool)), abs=2e-3)
+    assert not [f for f in os.listdir(out) if ".tmp" in f or ".part" in f]
 
 
 def test_manifest_source_reads_back_images_and_labels(curated_run):

@@ -134,6 +134,7 @@ def test_retrieval_grid_is_capped_per_query(tmp_path, monkeypatch):
         loaded.append((which, row))
         return np.zeros((4, 4, 3), np.uint8)
 
+    monkeypatch.setattr(report, "TABLE_PER_QUERY", 20)
     rng = np.random.default_rng(1)
     n = 50
     pool = rng.normal(size=(n + 10, 16)).astype(np.float32)
@@ -149,6 +150,28 @@ def test_retrieval_grid_is_capped_per_query(tmp_path, monkeypatch):
     assert cap <= 32 and len(row) == 1 + cap + 1  # query, the most similar, "+M more"
     assert row[-1] == (None, f"+{n - cap} more")
     assert len(loaded) <= 1 + cap  # only the images drawn are decoded
+    # The HTML table listed every retrieved id (per_cluster 10000: megabytes per query row).
+    html = open(tmp_path / "out" / "report.html").read()
+    (cells,) = re.findall(r"<tr><td>[^<]*</td><td>([^<]*)</td></tr>", html.split("Retrieved per query")[1]
+                          .split("Duplicate groups")[0])
+    assert len(re.findall(r"\(-?[01]\.\d{3}\)", cells)) == 20 and cells.endswith(", +30 more (all in manifest.jsonl)")
+
+
+@pytest.mark.parametrize("dedup_on, references, lines", [
+    (True, False, ["dedup threshold"]), (False, True, ["reference threshold"]),
+    (True, True, ["dedup threshold", "reference threshold"])])
+def test_histogram_draws_the_thresholds_that_were_applied(tmp_path, monkeypatch, dedup_on, references, lines):
+    drawn = []
+    orig = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline",
+                        lambda self, x, *a, **kw: (drawn.append((kw.get("label"), x)), orig(self, x, *a, **kw))[1])
+    result = dedup.no_dedup(4)
+    retrieved = retrieve.Retrieval(np.arange(2), np.zeros(2, np.int64), np.array([0.5, 0.4], np.float32))
+    summary = {"dedup": {"enabled": dedup_on, "threshold": 0.6, "reference_threshold": 0.45},
+               "counts": {"references": {"evalset": 5} if references else {}}}
+    report._histogram(str(tmp_path / "similarity.png"), retrieved, result, summary)
+    # The self threshold was drawn with dedup off, the reference one never.
+    assert drawn == [(label, 0.6 if label == "dedup threshold" else 0.45) for label in lines]
 
 
 def test_summary_is_written_before_the_report(tmp_path, monkeypatch):

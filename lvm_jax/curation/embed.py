@@ -490,8 +490,8 @@ def cmd_run(args, init_distributed) -> int:
                               progress=not args.no_progress, inputs=inputs, image_fn=_image_fn_for(local))
     if comm.rank == 0:
         summary["timings_s"]["embed"] = round(embed_s, 3)
-        with open(mirror.path("summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        pipeline.write_summary(mirror.local, summary)  # whole (a plain open() could leave half a file) and
+        # with the embedding time in the total
         mirror.push()
         _print_summary(summary, mirror.location())
         print(f"train on it: lvm-train --config configs/vit_synthetic.py --workdir WORKDIR "

@@ -223,19 +223,22 @@ def curate(curated: VectorSet, pool: VectorSet, out_dir: str, references: Sequen
     write_outputs(out_dir, curated, pool, references, result, retrieved)
     lap("write")
 
-    def write_summary() -> None:
-        summary["timings_s"]["total"] = round(sum(v for v in timings.values() if not isinstance(v, bool)), 3)
-        _write_atomic(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=2))
-
-    write_summary()  # before the report: the outputs are complete even if the report is stopped
+    write_summary(out_dir, summary)  # before the report: the outputs are complete even if the report is stopped
     if cfg.report.enabled:
         from lvm_jax.curation import report
         report.write_report(out_dir, summary, curated, pool, result, retrieved,
                             num_queries=int(cfg.report.num_queries), num_groups=int(cfg.report.num_groups),
                             image_fn=image_fn)
         lap("report")
-        write_summary()
+        write_summary(out_dir, summary)
     return summary
+
+
+def write_summary(out_dir: str, summary: dict) -> None:
+    """Writes `out_dir/summary.json` whole, its `timings_s.total` the sum of the other timings."""
+    timings = summary["timings_s"]
+    timings["total"] = round(sum(v for k, v in timings.items() if k != "total" and not isinstance(v, bool)), 3)
+    _write_atomic(os.path.join(out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=2))
 
 
 def tune_nprobe(index: PoolIndex, pool: VectorSet, queries: np.ndarray, k: int, keep: np.ndarray,

@@ -27,6 +27,7 @@ from lvm_jax.curation.retrieve import Retrieval
 ImageFn = Callable[[str, int], np.ndarray]
 
 GRID_PER_QUERY = 16  # retrieved images drawn per query row (a query can get thousands)
+TABLE_PER_QUERY = 64  # retrieved ids listed per query in report.html (all of them made it megabytes)
 
 
 def _plt():
@@ -94,7 +95,12 @@ def _histogram(path: str, retrieved: Retrieval, result: dd.DedupResult, summary:
     dup = np.clip(result.matched_sim[(result.reason != dd.KEPT) & np.isfinite(result.matched_sim)], -1, 1)
     if len(dup):
         ax.hist(dup, bins=bins, alpha=0.6, label="removed duplicates")
-    ax.axvline(summary["dedup"]["threshold"], color="k", ls="--", lw=1, label="dedup threshold")
+    # The thresholds that were applied, and only those (self-dedup can be off; references are optional).
+    if summary["dedup"].get("enabled", True):
+        ax.axvline(summary["dedup"]["threshold"], color="k", ls="--", lw=1, label="dedup threshold")
+    if summary.get("counts", {}).get("references"):
+        ax.axvline(summary["dedup"]["reference_threshold"], color="tab:red", ls=":", lw=1,
+                   label="reference threshold")
     ax.set_xlabel("cosine similarity")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -143,7 +149,10 @@ def write_report(out_dir: str, summary: dict, curated: VectorSet, pool: VectorSe
         parts.append(f"<h2>{esc(fig[:-4])}</h2><img src='{fig}'>")
     parts.append("<h2>Retrieved per query</h2><table><tr><th>query</th><th>retrieved (cosine)</th></tr>")
     for q, rows, sims in queries:
-        cells = ", ".join(f"{esc(pool.describe(r))} ({s:.3f})" for r, s in zip(rows, sims))
+        cells = ", ".join(f"{esc(pool.describe(r))} ({s:.3f})"
+                          for r, s in zip(rows[:TABLE_PER_QUERY], sims[:TABLE_PER_QUERY]))
+        if len(rows) > TABLE_PER_QUERY:
+            cells += f", +{len(rows) - TABLE_PER_QUERY} more (all in manifest.jsonl)"
         parts.append(f"<tr><td>{esc(curated.describe(q))}</td><td>{cells}</td></tr>")
     # Every member says what happened to it (as in duplicates.jsonl): the representative is
     # the kept image unless relative deduplication removed the whole group.
