@@ -151,3 +151,27 @@ def test_pca_rgb_orders_by_variance():
     # the red channel follows the largest-variance direction (up to sign)
     corr = np.corrcoef(rgb[..., 0].reshape(-1), feats[..., 0].reshape(-1))[0, 1]
     assert abs(corr) > 0.95
+
+
+def test_attention_maps_of_an_image_share_one_colour_scale_and_bad_input_is_named(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    scales = []
+    orig = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda self, x, *a, **kw: (
+        scales.append((np.ndim(x), kw.get("vmin"), kw.get("vmax"))), orig(self, x, *a, **kw))[1])
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    attention = rng.dirichlet(np.ones(16), size=(2, 3)).reshape(2, 3, 4, 4)
+    attention[1, 2, 0, 0] = np.nan  # a NaN map still draws
+    pictures.save_attention_grid(images, attention, str(tmp_path / "a.png"))
+    # Each head was autoscaled on its own: a head with weak, flat attention looked as bright as a focused one.
+    maps = [s for s in scales if s[0] == 2]
+    assert maps == [(2, 0.0, pytest.approx(np.nanmax(attention[i])))
+                    for i in range(2) for _ in range(3)]
+    with pytest.raises(ValueError, match="No pictures to draw"):
+        pictures.save_pca_grid(images[:0], np.zeros((0, 4, 4, 3)), str(tmp_path / "p.png"))
+    with pytest.raises(ValueError, match=r"attention \[B, heads, h, w\] for the B=2 images"):
+        pictures.save_attention_grid(images, attention[:1], str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match="non-finite"):
+        pictures.pca_rgb(np.full((1, 4, 3), np.nan), (2, 2))

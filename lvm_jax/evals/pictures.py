@@ -94,7 +94,13 @@ def vit_last_layer_attention(model: Any, params: Any, images: jax.Array) -> tupl
 def pca_rgb(patch_features: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """First 3 principal components of `[B, N, D]` patch features (fitted on all B*N) -> `[B, h, w, 3]` in [0, 1]."""
     b, n, d = patch_features.shape
+    if b * n == 0:
+        raise ValueError(f"pca_rgb needs at least one patch feature, got shape {patch_features.shape}.")
     x = np.asarray(patch_features, np.float64).reshape(b * n, d)
+    if not np.isfinite(x).all():
+        # SVD would fail with "did not converge": name the cause instead.
+        raise ValueError("pca_rgb got non-finite (NaN/inf) patch features; the model's weights or inputs are "
+                         "not finite, check the checkpoint.")
     x = x - x.mean(0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     comps = x @ vt[:3].T
@@ -112,22 +118,37 @@ def denormalize(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def _save_grid(rows: list[list[np.ndarray]], titles: list[str], path: str) -> str:
+    """Saves a grid of panels: RGB `[h, w, 3]` as is; maps `[h, w]` in one colour scale per row
+    (0 to the row's largest finite value, a colour bar at the row's end), so that the heads of an
+    image compare by brightness."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    if not rows or not rows[0]:
+        raise ValueError(f"No pictures to draw for {path}; pass at least one image.")
     n_rows, n_cols = len(rows), len(rows[0])
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.6 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 0.4, 1.6 * n_rows), squeeze=False)
     for r, row in enumerate(rows):
+        maps = [np.asarray(p, np.float64) for p in row if np.ndim(p) == 2]
+        finite = [m[np.isfinite(m)] for m in maps]
+        top = max((float(f.max()) for f in finite if f.size), default=1.0)
+        shown = None
         for c, panel in enumerate(row):
             ax = axes[r, c]
-            ax.imshow(panel, cmap=None if panel.ndim == 3 else "inferno", interpolation="nearest")
+            if np.ndim(panel) == 3:
+                ax.imshow(panel, interpolation="nearest")
+            else:
+                shown = ax.imshow(panel, cmap="inferno", vmin=0.0, vmax=top if top > 0 else 1.0,
+                                  interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[c], fontsize=7)
-    fig.tight_layout()
+        if shown is not None:
+            bar = fig.colorbar(shown, ax=list(axes[r]), fraction=0.02, pad=0.01)
+            bar.ax.tick_params(labelsize=5)
     save_figure(fig, path)  # a local path or a gs:// URL (a run's workdir)
     plt.close(fig)
     return path
@@ -136,12 +157,17 @@ def _save_grid(rows: list[list[np.ndarray]], titles: list[str], path: str) -> st
 def save_attention_grid(images: np.ndarray, attention: np.ndarray, path: str) -> str:
     """PNG grid: one row per image, the image then each head's CLS attention. images `[B, H, W, 3]` in [0, 1]."""
     attention = np.asarray(attention)
+    if attention.ndim != 4 or len(attention) != len(images):
+        raise ValueError(f"save_attention_grid needs attention [B, heads, h, w] for the B={len(images)} images, "
+                         f"got shape {attention.shape}.")
     rows = [[images[i]] + [attention[i, h] for h in range(attention.shape[1])] for i in range(len(images))]
     return _save_grid(rows, ["image"] + [f"head {h}" for h in range(attention.shape[1])], path)
 
 
 def save_pca_grid(images: np.ndarray, pca: np.ndarray, path: str) -> str:
     """PNG grid: one row per image, the image and its patch-feature PCA as RGB."""
+    if len(pca) != len(images):
+        raise ValueError(f"save_pca_grid needs one PCA map per image: {len(images)} images, {len(pca)} maps.")
     rows = [[images[i], pca[i]] for i in range(len(images))]
     return _save_grid(rows, ["image", "patch PCA"], path)
 
