@@ -62,6 +62,11 @@ def test_difficulty_validation_and_auto_cache():
                                    "synthetic": {"size_range": 0.6, "num_train": 8}})
   with pytest.raises(ValueError, match=r"synthetic.size_range must be a \(lo, hi\) pair"):
     build_source(cfg, "train")
+  # Accepted at construction and failed only at the first read, inside a loader thread.
+  with pytest.raises(ValueError, match="image_size must be >= 8"):
+    S.SyntheticShapes(10, image_size=4)
+  with pytest.raises(ValueError, match="block_size must be >= 1"):
+    S.SyntheticShapes(10, block_size=0)
   assert S.SyntheticShapes(1000).cache
   assert not S.SyntheticShapes(10_000_000, image_size=64).cache  # 123 GB: render per record
 

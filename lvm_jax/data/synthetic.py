@@ -558,6 +558,11 @@ class SyntheticShapes:
                block_size: int = 256):
     if num_records <= 0:
       raise ValueError(f"synthetic data set needs num_records > 0, got {num_records}.")
+    # Checked here, not at the first read inside a loader thread.
+    if int(image_size) < 8:
+      raise ValueError(f"synthetic.image_size must be >= 8 pixels, got {image_size}.")
+    if int(block_size) < 1:
+      raise ValueError(f"synthetic block_size must be >= 1 record, got {block_size}.")
     sample_scenes(np.zeros(1, np.int64), seed, split, num_classes)  # validates arguments
     self.difficulty = difficulty
     self.num_records = int(num_records)
