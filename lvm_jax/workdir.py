@@ -150,10 +150,16 @@ def files_to_read(src: epath.Path) -> list[epath.Path]:
     if not src.is_dir():
         return [src]
     checkpoints = src / "checkpoints" if (src / "checkpoints").is_dir() else src
-    steps = sorted(int(p.name) for p in checkpoints.iterdir()
-                   if p.name.isdigit() and p.is_dir() and ocp.step.is_path_finalized(p))
+    step_dirs = [p for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir()]
+    steps = sorted(int(p.name) for p in step_dirs if ocp.step.is_path_finalized(p))
     if steps:
         src = checkpoints / str(steps[-1])
+    elif step_dirs:
+        # A run whose only save was cut short: copying the whole run (compile cache included) could only
+        # end in a reader error about a half-written step.
+        raise UserError(f"{checkpoints} holds no finished checkpoint (unfinished: "
+                        f"{', '.join(sorted((p.name for p in step_dirs), key=int))}); let the run save one, "
+                        "or rerun lvm-train on it to resume.")
     files, pending = [], [src]
     while pending:  # gs:// paths have no recursive glob: walk the tree
         for p in pending.pop().iterdir():

@@ -156,3 +156,8 @@ def test_from_a_bucket_run_an_unfinished_newest_checkpoint_is_skipped(gcs_in_pro
     got = [os.fspath(p.relative_to(workdir.as_path(f"gs://{BUCKET}/run")))
            for p in workdir.files_to_read(workdir.as_path(f"gs://{BUCKET}/run"))]
     assert got == ["checkpoints/3/commit_success.txt", "checkpoints/3/state/a"]
+    # Only an unfinished step: the whole run (compile cache too) was copied for a reader to fail on.
+    for name in ("checkpoints/5/state/a", "compile_cache/cpu/x"):
+        gcs_in_process.pipe(f"{BUCKET}/run2/{name}", b"x")
+    with pytest.raises(UserError, match=r"run2/checkpoints holds no finished checkpoint \(unfinished: 5\)"):
+        workdir.files_to_read(workdir.as_path(f"gs://{BUCKET}/run2"))
