@@ -44,15 +44,36 @@ def machine_tag() -> str:
     return f"{devices[0].platform}-{digest}"
 
 
-def _cpu_identity() -> str:
-    """The first CPU's model name and flags from /proc/cpuinfo; `platform.processor()` elsewhere."""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    first = text.split("\n\n", 1)[0]
+# x86 /proc/cpuinfo flags that say how the kernel or hypervisor runs the CPU (speculation mitigations,
+# virtualisation, timer quirks), not which instructions it has: hosts of one machine type differ in them
+# with kernel and microcode versions, and keying the cache on them made those hosts miss each other's
+# entries. The instruction-set flags that XLA's code depends on all stay in the key.
+_NOT_ISA_FLAGS = frozenset("""
+    hypervisor md_clear flush_l1d arch_capabilities ibrs ibpb stibp ssbd spec_ctrl intel_stibp ibrs_enhanced
+    virt_ssbd amd_ssbd amd_stibp amd_ibpb pti kaiser retpoline retpoline_amd ibpb_brtype ibt user_shstk
+    tsc_known_freq tsc_reliable constant_tsc nonstop_tsc nonstop_tsc_s3 tsc_adjust tsc_deadline_timer
+    rep_good nopl xtopology cpuid cpuid_fault tpr_shadow flexpriority ept vpid ept_ad vnmi
+    """.split())
+
+
+def _cpu_identity(cpuinfo: str | None = None) -> str:
+    """The first CPU's model name and instruction-set flags from /proc/cpuinfo (or `cpuinfo`, its
+    text); `platform.processor()` where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor()
+    first = cpuinfo.split("\n\n", 1)[0]
     keep = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86 and arm64 spellings
-    lines = [line for line in first.splitlines() if line.split(":", 1)[0].strip() in keep]
+    lines = []
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            value = " ".join(sorted(f for f in value.split() if f not in _NOT_ISA_FLAGS
+                                    and not f.startswith(("vmx", "svm"))))
+        if key.strip() in keep:
+            lines.append(f"{key.strip()}: {value.strip()}")
     return "\n".join(lines) or platform.processor()
 
 

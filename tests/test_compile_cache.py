@@ -33,6 +33,21 @@ def test_machines_with_other_cpu_flags_get_other_directories(monkeypatch):
     assert compile_cache.machine_tag() == avx512  # stable for one machine
 
 
+def test_hosts_that_differ_only_in_mitigation_and_hypervisor_flags_share_a_directory():
+    def cpuinfo(flags):
+        return (f"processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: {flags}\nbugs\t\t: sysret_ss_attrs\n\n"
+                "processor\t: 1\n")
+
+    base = "fpu sse2 ssse3 avx avx2 fma bmi2 adx"
+    # One machine type under two kernels/microcodes/hypervisors: the ISA is the same.
+    same = {compile_cache._cpu_identity(cpuinfo(base + extra))
+            for extra in ("", " hypervisor md_clear ibpb ssbd", " constant_tsc rep_good nopl arch_capabilities")}
+    assert len(same) == 1 and "avx2" in same.pop()
+    assert compile_cache._cpu_identity(cpuinfo(base)) != compile_cache._cpu_identity(cpuinfo(base + " avx512f"))
+    assert (compile_cache._cpu_identity(cpuinfo(base)) !=
+            compile_cache._cpu_identity(cpuinfo(base).replace("7B13", "7B12")))  # LLVM tunes for the model
+
+
 def test_the_real_cpu_identity_names_the_instruction_set():
     identity = compile_cache._cpu_identity()
     assert identity
