@@ -73,7 +73,9 @@ _RGB = np.array([rgb for _, rgb in PALETTE], np.float32)
 _NUM_COLORS = len(PALETTE)
 # A background colour pair (c1, c2) is allowed for shape colour s only if every
 # blend of c1 and c2 (the texture interpolates between them) stays this far
-# from s in RGB space: the shape must always stand out.
+# from s in RGB space: the shape must always stand out. This holds for the flat colours; the
+# shape's shading (x0.7-1.3 across it) can bring a shaded edge closer (~60 RGB units at worst,
+# white shaded to x0.73 on a pale cyan/orange blend), still clearly visible.
 _MIN_CONTRAST = 140.0
 _COLOR_JITTER = 12.0
 
