@@ -265,6 +265,7 @@ def test_cli_json_schema_with_torch(tmp_path, capsys):
   # lvm-bench sets the host allocator before anything runs and says which setting ran.
   assert payload["env"]["host_malloc"].split(":")[0] in ("retain", "system")
   assert "host allocator: " in text
+  assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "and " + str(tmp_path / "bench.png") in text
 
 
 def test_gpu_comparisons_are_like_for_like(monkeypatch):
@@ -357,10 +358,39 @@ def test_suite_merges_rows_skips_when_out_of_budget_and_survives_failures(tmp_pa
   payload = json.loads(out.read_text())
   assert [r["status"] for r in payload["rows"]] == ["ok", "failed (exit 3)", "ok"]
   assert len(payload["results"]) == 2
+  assert (tmp_path / "suite.png").exists()
   # Out of budget: every row is skipped, and the file still says why.
   monkeypatch.setattr(suite, "MIN_ROW_S", 1e9)
   assert suite.run_suite(args) == 0
   assert all(r["status"].startswith("skipped") for r in json.loads(out.read_text())["rows"])
+
+
+def test_results_plot_groups_frameworks_per_benchmark_and_labels_ratios(tmp_path, monkeypatch):
+  import matplotlib.axes
+
+  from lvm_jax.bench import plot
+
+  bars, labels = [], []
+  orig_barh, orig_text = matplotlib.axes.Axes.barh, matplotlib.axes.Axes.text
+  monkeypatch.setattr(matplotlib.axes.Axes, "barh", lambda self, y, w, *a, **kw: (
+      bars.append((round(float(y), 3), w, kw.get("label"))), orig_barh(self, y, w, *a, **kw))[1])
+  monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **kw: (
+      labels.append(s), orig_text(self, x, y, s, *a, **kw))[1])
+  common = {"mode": "train", "dtype": "bfloat16", "res": 224}
+  payload = {"env": {"device_kind": "NVIDIA H200", "device_count": 1, "jax": "0.11"}, "results": [
+      {"framework": "jax", "impl": "lvm_jax", "model": "vit", "variant": "B/16", "batch": 256, "img_per_s": 3000.0,
+       "mfu": 0.45, **common},
+      {"framework": "torch", "impl": "timm", "model": "vit", "variant": "B/16", "batch": 256, "img_per_s": 2000.0,
+       "mfu": 0.3, **common},
+      {"framework": "jax", "impl": "lvm_jax", "model": "clip", "variant": "B/16", "batch": 256, "img_per_s": 1000.0,
+       "mfu": None, **common}]}
+  assert plot.png_path("out/suite.json") == "out/suite.png" and plot.png_path("r") == "r.png"
+  assert plot.save_results_plot(payload, str(tmp_path / "r.png")) == str(tmp_path / "r.png")
+  # The two ViT frameworks share group 0 (one bar above, one below), CLIP is group 1.
+  assert bars == [(-0.2, 3000.0, "lvm_jax"), (0.2, 2000.0, "torch"), (1.0, 1000.0, None)]
+  assert labels[0].startswith("3000 img/s, MFU 45.0%") and "(lvm_jax 1.50x)" in labels[1]
+  assert labels[2].startswith("1000 img/s  [lvm_jax]")
+  assert plot.save_results_plot({"results": [{"framework": "jax", "img_per_s": None}]}, str(tmp_path / "n.png")) is None
 
 
 # ----------------------------------------------------------------------------- the model's fast paths

@@ -157,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
   if args.json:
     from lvm_jax.bench.measure import write_json
 
+    from lvm_jax.bench.plot import png_path, save_results_plot
+
     write_json(args.json, payload)
-    print(f"wrote {args.json}")
+    plotted = save_results_plot(payload, png_path(args.json))
+    print(f"wrote {args.json}" + (f" and {plotted}" if plotted else ""))
   return 0
 
 

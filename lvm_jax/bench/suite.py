@@ -45,6 +45,7 @@ def row_command(model: str, variant: str, batch: int, extra: list[str], torch_co
 
 def run_suite(args: argparse.Namespace) -> int:
   from lvm_jax.bench.measure import SCHEMA, markdown_table, ratio_lines, write_json
+  from lvm_jax.bench.plot import png_path, save_results_plot
 
   out = args.json or "lvm_bench_gpu_suite.json"
   deadline = time.monotonic() + args.budget_s
@@ -92,9 +93,11 @@ def run_suite(args: argparse.Namespace) -> int:
       os.unlink(row_json)
     payload["rows"].append(record)
     write_json(out, payload)
+    save_results_plot(payload, png_path(out))  # redrawn per row, as the JSON: a killed suite keeps both
     print(f"[suite] {model} {variant} b{batch}: {record['status']} in {record['wall_s']} s", flush=True)
   print(markdown_table(payload["results"]))
   for line in ratio_lines(payload["ratios"]):
     print(line)
-  print(f"wrote {out}")
+  plotted = save_results_plot(payload, png_path(out))
+  print(f"wrote {out}" + (f" and {plotted}" if plotted else ""))
   return 0
