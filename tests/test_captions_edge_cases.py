@@ -120,7 +120,7 @@ def test_index_cache_temp_name_is_unique_beyond_the_pid(tmp_path, monkeypatch):
     index_dir = tmp_path / "index"
     index_dir.mkdir()
     monkeypatch.setattr(os, "getpid", lambda: 4242)
-    tag = hashlib.sha1(f"{C.files.fingerprint(str(shard))}|skip".encode()).hexdigest()
+    tag = C._index_tag(str(shard), "skip")
     # Another host with the same PID is writing this very name right now (stand-in: it exists as a folder).
     (index_dir / f"{tag}.json.4242.tmp").mkdir()
     samples, skipped = C._cached_index(str(shard), "skip", str(index_dir))
@@ -164,3 +164,57 @@ def test_http_image_urls_are_refused_when_the_source_is_built(tmp_path):
     with pytest.raises(ValueError, match=r"cc.csv:2: image 'https://example.com/a.jpg' is a https:// URL.*download"):
         C.build_captions_source(_cfg(path=str(path), eval_path=str(path), image_column="url",
                                      caption_column="caption"))
+
+
+# ---------------------------------------------------------------- s16 DIFF 8: index caches of another indexer
+def test_index_caches_of_another_indexer_version_are_not_read(tmp_path, monkeypatch):
+    shard = tmp_path / "s.tar"
+    _write_shard(shard, [("a", {"jpg": b"i", "txt": b"the real caption"})])
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    stale = {"samples": [["a", 0, 1, "what an old indexer got wrong"]], "skipped": {}}
+    # A cache written before index files carried a version (its name hashed the shard and policy only) ...
+    old_tag = hashlib.sha1(f"{C.files.fingerprint(str(shard))}|skip".encode()).hexdigest()
+    (index_dir / f"{old_tag}.json").write_text(json.dumps(stale))
+    cfg = _cfg(path=str(shard), eval_path=str(shard), index_dir=str(index_dir))
+    assert C.build_webdataset_source(cfg).captions == ["the real caption"]
+    # ... and one written by another version of the indexer are both rebuilt, not read.
+    for cache in index_dir.iterdir():
+        cache.unlink()
+    monkeypatch.setattr(C, "INDEX_FORMAT", C.INDEX_FORMAT + 1)
+    (index_dir / f"{C._index_tag(str(shard), 'skip')}.json").write_text(json.dumps(stale))
+    monkeypatch.undo()
+    assert C.build_webdataset_source(cfg).captions == ["the real caption"]
+    assert len(list(index_dir.iterdir())) == 2  # the current version's index was written beside it
+
+
+# ---------------------------------------------------------------- s16 DIFF 16: padded image paths
+def test_image_paths_with_surrounding_whitespace_name_the_file(tmp_path):
+    _images(tmp_path, 3)
+    (tmp_path / "c.csv").write_text('filepath,title\n img/0.png,  a padded caption \nimg/1.png\t ,b\n'
+                                    '"  img/2.png ",c\n')
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"image": f" img/{i}.png\n", "caption": " x "}) + "\n"
+                                              for i in range(3)))
+    for name in ("c.csv", "c.jsonl"):
+        src = C.build_captions_source(_cfg(path=str(tmp_path / name), eval_path=str(tmp_path / name),
+                                           decode_errors="raise"))
+        assert src.image_paths == [str(tmp_path / "img" / f"{i}.png") for i in range(3)]
+        assert [src[i]["image"] for i in range(3)] == [b"png%d" % i for i in range(3)]
+    assert src.captions[0] == " x "  # the caption text is kept as written
+    (tmp_path / "blank.csv").write_text("filepath,title\n   ,a caption\n")
+    with pytest.raises(ValueError, match=r"blank.csv:2: no image path"):
+        C.build_captions_source(_cfg(path=str(tmp_path / "blank.csv"), decode_errors="raise"))
+
+
+# ---------------------------------------------------------------- s16 DIFF 10: too few images to hold out
+def test_a_hold_out_from_one_image_names_the_cause(tmp_path):
+    _images(tmp_path, 1)
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"image": "img/0.png", "caption": f"caption {i}"}) + "\n" for i in range(3)))
+    assert len(C.build_captions_source(_cfg(path=str(path)), "train")) == 3
+    with pytest.raises(ValueError, match=r"one.jsonl' holds 1 distinct image\(s\), too few .* at least 2.*"
+                                         r"eval split is empty; add images, or set data.eval_path"):
+        C.build_captions_source(_cfg(path=str(path)), "eval")
+    _write_shard(tmp_path / "one.tar", [("a", {"jpg": b"i", "txt": b"c"})])
+    with pytest.raises(ValueError, match=r"one.tar' holds 1 distinct image\(s\), too few"):
+        C.build_webdataset_source(_cfg(path=str(tmp_path / "one.tar")), "eval")

@@ -15,6 +15,7 @@ from lvm_jax.data import transforms as T
 from lvm_jax.data.sources import build_image_folder
 from lvm_jax.errors import UserError
 from tests.gcs_emulator import BUCKET, bucket, emulator, gcs_in_process  # noqa: F401 (fixtures)
+from tests.s3_emulator import S3_BUCKET, s3_in_process, s3_server  # noqa: F401 (fixtures)
 from tests.test_data import data_config
 
 
@@ -164,3 +165,95 @@ def test_tfds_missing_split_and_key_typo_name_the_choices(tmp_path):
   with pytest.raises(ValueError, match=r"no feature 'lbl'.*\['image', 'label'\].*label_key"):
     build_source(data_config(**cfg, label_key="lbl"), "train")
   assert len(build_source(data_config(**cfg, train_split="train[:5]+test"), "train")) == 11
+
+
+# --- s16 DIFF 1: hidden files inside class folders ------------------------------------------
+def _with_hidden_files(root) -> None:
+  """Two classes of 3 images each, plus what a macOS copy adds: AppleDouble '._x.png' twins (not
+  images, though named like them), .DS_Store, and a hidden sub-folder of 'images'."""
+  _folder(str(root), {"cat": 3, "dog": 3})
+  for cls in ("cat", "dog"):
+    (root / cls / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble resource fork")
+    (root / cls / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+  (root / "cat" / ".thumbs").mkdir()
+  (root / "cat" / ".thumbs" / "0.png").write_bytes(b"not a real thumbnail")
+
+
+def test_hidden_files_in_class_folders_are_not_images(tmp_path):
+  _with_hidden_files(tmp_path)
+  src = build_image_folder(str(tmp_path), "train", 0.34, errors="raise")
+  held = build_image_folder(str(tmp_path), "eval", 0.34, errors="raise")
+  paths = src.paths + held.paths
+  assert len(paths) == 6 and not [p for p in paths if "/." in p]
+  for s in (src, held):  # under 'raise' every listed file decodes
+    for i in range(len(s)):
+      T.DecodeImage("raise").map(s[i])
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_hidden_files_in_bucket_class_folders_are_not_images(tmp_path, scheme, request):
+  fs, name = ((request.getfixturevalue("gcs_in_process"), BUCKET) if scheme == "gs"
+              else (request.getfixturevalue("s3_in_process"), S3_BUCKET))
+  _with_hidden_files(tmp_path / "pets")
+  fs.put(str(tmp_path / "pets"), f"{name}/hidden", recursive=True)
+  local = build_image_folder(str(tmp_path / "pets"), "train", 0.34)
+  remote = build_image_folder(f"{scheme}://{name}/hidden", "train", 0.34)
+  assert len(remote) == 4 and not [p for p in remote.paths if "/." in p]  # the bucket listing itself
+  assert len(local) == 4
+  assert [p.rsplit("/", 2)[1:] for p in remote.paths] == [p.rsplit("/", 2)[1:] for p in local.paths]
+
+
+# --- s16 DIFF 2: TIFF and PPM/PGM images --------------------------------------------------------
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def test_tiff_ppm_and_pgm_images_are_listed_and_decode_to_rgb(tmp_path):
+  ramp16 = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+  files_ = {"a/0.tif": _encoded(ramp16, "TIFF"),                           # 16-bit grayscale
+            "a/1.TIFF": _encoded(np.full((16, 16, 3), 200, np.uint8), "TIFF"),
+            "b/0.pgm": _encoded(np.full((16, 16), 50, np.uint8), "PPM"),    # 8-bit grayscale
+            "b/1.ppm": _encoded(np.full((16, 16, 3), 90, np.uint8), "PPM")}
+  for name, data in files_.items():
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes(data)
+  src = build_image_folder(str(tmp_path), "train", 0.5)
+  held = build_image_folder(str(tmp_path), "eval", 0.5)
+  decoded = {os.path.relpath(s.paths[i], tmp_path): T.DecodeImage("raise").map(s[i])["image"]
+             for s in (src, held) for i in range(len(s))}
+  assert sorted(decoded) == sorted(files_)
+  for image in decoded.values():
+    assert image.dtype == np.uint8 and image.shape == (16, 16, 3)
+  assert decoded["b/0.pgm"].mean() == 50 and decoded["b/1.ppm"].mean() == 90 and decoded["a/1.TIFF"].mean() == 200
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "PPM"])  # PPM: a 16-bit PGM
+def test_a_16_bit_grayscale_image_decodes_to_its_range_not_to_white(fmt):
+  ramp16 = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+  image = T.decode_image(_encoded(ramp16, fmt))
+  assert image.dtype == np.uint8 and image.shape == (16, 16, 3) and (image == image[..., :1]).all()
+  # The high byte of each value, as an 8-bit export keeps it; clipped at 255 (PIL's convert('RGB')) the
+  # ramp was white from its second value on.
+  assert (image[..., 0] == np.arange(256, dtype=np.uint8).reshape(16, 16)).all()
+
+
+# --- s16 DIFF 15: a malformed manifest line -------------------------------------------------------
+@pytest.mark.parametrize("line, why", [
+    ('{"id": 3, "source": "curated"', "not valid JSON"),      # a copy cut short
+    ('{"source": "curated"}', 'no "id" field'),
+    ('{"id": "x", "source": "curated"}', "its \"id\" is 'x', not an integer"),
+    ('[3, "curated"]', "a JSON list, not an object"),
+])
+def test_a_malformed_manifest_line_names_file_line_and_fix(tmp_path, line, why):
+  from lvm_jax.data.manifest import ManifestSource
+  _, out = _manifest(tmp_path)
+  lines = (out / "manifest.jsonl").read_text().splitlines()
+  lines[2] = line
+  (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(UserError) as e:
+    ManifestSource(str(out))
+  message = str(e.value)
+  assert message.startswith(f"{out / 'manifest.jsonl'}:3 is not a manifest entry ({why}")
+  assert "restore it, or re-run `lvm-curate run`" in message

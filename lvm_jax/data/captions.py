@@ -184,6 +184,10 @@ def read_captions_file(path: str, image_column: str | None = None, caption_colum
         _count(skipped, "malformed_row")
 
     def add(line_no: int, image: Any, caption: Any) -> None:
+        if isinstance(image, str):
+            # 'img/a.jpg ' (a padded CSV cell, a hand-edited file) names img/a.jpg: no data set's files end
+            # in spaces, and kept literally every such row would count as a missing image at read time.
+            image = image.strip()
         if not isinstance(image, str) or not image:
             return bad_row(line_no, f"no image path in column {image_column!r}")
         if caption is None:  # the field is absent (a short CSV row, a JSON row without the key, null)
@@ -377,18 +381,28 @@ def index_shard(path: str, errors: str = "skip") -> tuple[list[tuple[str, int, i
     return samples, skipped
 
 
+# The version of index_shard's output kept in data.index_dir; part of each cache file's name, so bump it
+# whenever a change to index_shard would index a shard differently: caches written before are then
+# never read (they are rebuilt under the new name) instead of replaying the old indexer's mistakes.
+INDEX_FORMAT = 2
+
+
+def _index_tag(path: str, errors: str) -> str:
+    """The cache file name (without .json) of a shard's index: the indexer version, the shard's path,
+    size and version, and the error policy, so a changed shard or indexer is scanned again."""
+    return hashlib.sha1(f"v{INDEX_FORMAT}|{files.fingerprint(path)}|{errors}".encode()).hexdigest()
+
+
 def _cached_index(path: str, errors: str, index_dir: str | None):
-    """index_shard's result, kept in `index_dir` (local or gs://) under a hash of the shard's
-    path, size and version, so a changed shard is scanned again."""
+    """index_shard's result, kept in `index_dir` (local or gs://) under `_index_tag`."""
     if not index_dir:
         return index_shard(path, errors)
-    tag = hashlib.sha1(f"{files.fingerprint(path)}|{errors}".encode()).hexdigest()
-    cache = files.join(files.expand(index_dir), f"{tag}.json")
+    cache = files.join(files.expand(index_dir), f"{_index_tag(path, errors)}.json")
     if files.isfile(cache):
         data = json.loads(files.read_bytes(cache))
         return [tuple(s) for s in data["samples"]], data["skipped"]
     samples, skipped = index_shard(path, errors)
-    text = json.dumps({"shard": path if files.is_url(path) else os.path.abspath(path),
+    text = json.dumps({"format": INDEX_FORMAT, "shard": path if files.is_url(path) else os.path.abspath(path),
                        "samples": samples, "skipped": skipped})
     # Atomic (an object upload, or a rename of a temporary name unique to this writer: hosts sharing
     # an NFS index_dir can run with equal PIDs), so concurrent processes never read a partial index.
@@ -565,6 +579,16 @@ def holdout_indices(image_keys: Sequence[str], split: str, fraction: float, seed
     return np.flatnonzero(is_eval[image_of_row] == (split == "eval"))
 
 
+def _check_holdout(what: str, image_keys: Sequence[str], rows: np.ndarray, split: str) -> None:
+    """Raises the cause and the fix when the hold-out left `split` empty: with fewer than 2 distinct
+    images there is nothing to hold out (the file itself may be fine)."""
+    if not len(rows):
+        n = len(set(image_keys))
+        raise ValueError(f"{what} holds {n} distinct image(s), too few for data.holdout_fraction to hold any "
+                         f"out (that needs at least 2: one to train on, one to evaluate), so the {split} split "
+                         "is empty; add images, or set data.eval_path to separate eval data.")
+
+
 def _split_args(data_cfg, split: str) -> tuple[str | None, bool]:
     """(path for this split, whether to hold out from the train path)."""
     if split not in ("train", "eval"):
@@ -589,6 +613,7 @@ def build_captions_source(data_cfg, split: str = "train") -> CaptionsSource:
     if holdout and paths:
         rows = holdout_indices(paths, split, holdout_fraction(data_cfg),
                                int(data_cfg.get("holdout_seed", 0) or 0))
+        _check_holdout(f"caption file {path!r}", paths, rows, split)
         paths, captions = [paths[i] for i in rows], [captions[i] for i in rows]
     return CaptionsSource(paths, captions, errors, name=f"{path} [{split}]", skipped=skipped)
 
@@ -612,7 +637,8 @@ def build_webdataset_source(data_cfg, split: str = "train") -> WebDatasetSource:
     index_dir = data_cfg.get("index_dir", None)
     source = WebDatasetSource(shards, errors, index_dir, process=_process_position())
     if holdout:
-        rows = holdout_indices(source.image_keys, split, holdout_fraction(data_cfg),
-                               int(data_cfg.get("holdout_seed", 0) or 0))
+        keys = source.image_keys
+        rows = holdout_indices(keys, split, holdout_fraction(data_cfg), int(data_cfg.get("holdout_seed", 0) or 0))
+        _check_holdout(f"webdataset {pattern!r}", keys, rows, split)
         source = source.subset(rows)
     return source

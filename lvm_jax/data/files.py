@@ -18,6 +18,7 @@ import importlib.util
 import os
 import posixpath
 import secrets
+import shutil
 from collections.abc import Iterable
 from typing import IO, Any
 
@@ -241,6 +242,19 @@ def download(url: str, local: str) -> None:
     try:
         fs.get_file(inner, tmp)
         os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
+    except BaseException:
+        _remove_partial(tmp)
+        raise  # the copy's own error, never one from the clean-up
+
+
+def _remove_partial(tmp: str) -> None:
+    """Removes what a failed copy left at the temporary name `tmp` (unique to its writer): a partial file,
+    or the folder fsspec's generic get_file makes for a prefix. Best effort: a failure to clean up
+    must not replace the error that made the copy fail."""
+    try:
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.lexists(tmp):
             os.remove(tmp)
+    except OSError:
+        pass

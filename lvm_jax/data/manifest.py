@@ -156,6 +156,24 @@ def _resolve_input(root: str, recorded: str) -> str:
 # ----------------------------------------------------------------------------
 # The manifest source
 # ----------------------------------------------------------------------------
+def _manifest_entry(line: str, where: str) -> dict[str, Any]:
+  """One manifest.jsonl line, checked: a line lvm-curate would not have written (a copy cut short, a
+  hand edit) gives a UserError naming `where` (file:line) and the fix, not a bare JSON/KeyError."""
+  try:
+    entry = json.loads(line)
+  except json.JSONDecodeError as e:
+    why = f"not valid JSON: {e}"
+  else:
+    id_ = entry.get("id") if isinstance(entry, dict) else None
+    if isinstance(id_, int) and not isinstance(id_, bool):
+      return entry
+    why = (f"its \"id\" is {id_!r}, not an integer" if isinstance(entry, dict) and "id" in entry
+           else "no \"id\" field" if isinstance(entry, dict) else f"a JSON {type(entry).__name__}, not an object")
+  raise UserError(f"{where} is not a manifest entry ({why}); lvm-curate writes one JSON object with an integer "
+                  "\"id\" per line, so the file was cut short or edited: restore it, or re-run `lvm-curate run` "
+                  "with a new --out.")
+
+
 class ManifestSource:
   """grain RandomAccessDataSource over a curation manifest (see module docstring)."""
 
@@ -187,13 +205,13 @@ class ManifestSource:
     for n, line in enumerate(files.read_bytes(manifest).decode("utf-8").splitlines()):
       if not line.strip():
         continue
-      entry = json.loads(line)
+      entry = _manifest_entry(line, f"{manifest}:{n + 1}")
       kind = entry.get("source")
       if kind not in self.sources:
         raise UserError(f"{manifest}:{n + 1} has source {kind!r}; expected 'curated' or 'retrieved'.")
       owner = entry["id"] if kind == "curated" else entry.get("query")
       kinds.append(kind == "retrieved")
-      ids.append(int(entry["id"]))
+      ids.append(entry["id"])
       record_labels.append(int(labels.get(owner, -1)) if owner is not None else -1)
     if not ids:
       raise UserError(f"{manifest} is empty; nothing to train on.")

@@ -20,7 +20,8 @@ Config fields read here (all optional):
              splits; root/train/<class>/ alone is held out from (a root/test/ is not used: rename it
              root/val to evaluate on it); root/<class>/ is held out from.  A class folder without
              images is not a class (a bucket copy has no empty folders, so local and bucket copies get
-             the same labels); it is logged and dropped.
+             the same labels); it is logged and dropped.  Files and folders whose name starts with
+             '.' (.DS_Store, macOS '._x.jpg' twins) are not images, locally and in a bucket.
   tfds:      data.name, data.path (data_dir), data.train_split='train',
              data.eval_split='validation', data.image_key='image', data.label_key='label'.
 """
@@ -42,7 +43,15 @@ log = logging.getLogger(__name__)
 SourceFactory = Callable[[Any, str], Any]
 SOURCES: dict[str, SourceFactory] = {}
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# The extensions torchvision's ImageFolder reads (PIL decodes them all; DecodeImage scales 16-bit
+# grayscale TIFF/PGM down to 8 bits instead of clipping it).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _hidden(name: str) -> bool:
+  """A dot file or folder ('.DS_Store', macOS AppleDouble '._x.jpg' copies): metadata, not an image,
+  even when its name ends in '.jpg' (it would count as a decode failure, or stop a 'raise' run)."""
+  return name.startswith(".")
 
 
 def register_source(name: str, factory: SourceFactory) -> SourceFactory:
@@ -112,8 +121,10 @@ _FOLDER_LAYOUT = ("an image folder laid out as root/<class>/*.jpg, or root/train
 
 def _list_images(class_dir: str) -> list[str]:
   files = []
-  for dirpath, _, names in os.walk(class_dir, followlinks=True):
-    files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+  for dirpath, dirnames, names in os.walk(class_dir, followlinks=True):
+    dirnames[:] = [d for d in dirnames if not _hidden(d)]  # pruned in place: os.walk skips them
+    files += [os.path.join(dirpath, n) for n in names
+              if n.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(n)]
   return sorted(files)
 
 
@@ -127,7 +138,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[list[str]]]:
     classes, images = _scan_bucket_folder(root)
   else:
     classes = sorted(d for d in os.listdir(root)
-                     if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+                     if os.path.isdir(os.path.join(root, d)) and not _hidden(d))
     images = [_list_images(os.path.join(root, c)) for c in classes]
   if not classes:
     raise ValueError(f"image folder {root!r} has no class sub-folders; expected {_FOLDER_LAYOUT}.")
@@ -147,9 +158,10 @@ def _scan_bucket_folder(root: str) -> tuple[list[str], list[list[str]]]:
   per_class: dict[str, list[str]] = {}
   for rel in files.files_under(root):
     cls, sep, _ = rel.partition("/")
-    if sep and not cls.startswith("."):
+    if sep and not _hidden(cls):
       images = per_class.setdefault(cls, [])
-      if rel.lower().endswith(IMAGE_EXTENSIONS):
+      # The same rule as the local walk: no hidden file, nor any file inside a hidden sub-folder.
+      if rel.lower().endswith(IMAGE_EXTENSIONS) and not any(map(_hidden, rel.split("/"))):
         images.append(files.join(root, rel))
   classes = sorted(per_class)
   return classes, [per_class[c] for c in classes]
@@ -207,7 +219,8 @@ def _split_dirs(root: str) -> tuple[str, str | None] | None:
   train = files.join(root, "train")
   if not files.isdir(train):
     return None
-  if any(p.lower().endswith(IMAGE_EXTENSIONS) for p in files.glob(files.join(train, "*"))):
+  if any(p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p.rstrip("/").rsplit("/", 1)[-1])
+         for p in files.glob(files.join(train, "*"))):  # a bucket glob's '*' also matches dot files
     return None  # images right in root/train: a class called 'train' (vehicles, say), not a split
   for name in _EVAL_DIRS:
     if files.isdir(files.join(root, name)):

@@ -41,6 +41,9 @@ def decode_failures() -> int:
   return _decode_failures
 
 
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit grayscale images
+
+
 def decode_image(data: bytes | np.ndarray) -> np.ndarray:
   """Encoded bytes (JPEG/PNG/...) or an array -> RGB uint8 [H, W, 3]."""
   if isinstance(data, np.ndarray):
@@ -53,6 +56,11 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     return np.asarray(data, np.uint8)
   with Image.open(io.BytesIO(data)) as im:
     im.draft("RGB", im.size)  # lets JPEG skip work it does not need
+    if im.mode in _WIDE_GRAY_MODES:
+      # 16-bit grayscale (TIFF, PNG, PGM; PIL opens a PGM of any depth scaled to 0..65535): convert("RGB")
+      # clips it at 255, a nearly white image; keep the high byte instead, as an 8-bit export would.
+      gray = (np.clip(np.asarray(im, np.int64), 0, 65535) >> 8).astype(np.uint8)
+      return np.repeat(gray[..., None], 3, axis=-1)
     return np.asarray(im.convert("RGB"))
 
 
