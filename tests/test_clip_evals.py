@@ -18,7 +18,7 @@ def _brute_force_retrieval(images, texts, text_to_image, ks):
     scores = _unit(texts) @ _unit(images).T  # [N_txt, N_img]
     out = {}
     for k in ks:
-        # A stable sort ranks ties by index, as torch.topk does in open_clip / CLIP_benchmark.
+        # A stable sort ranks ties by index, the evals' rule (torch.topk leaves the order of ties unspecified).
         t2i = [text_to_image[t] in np.argsort(-scores[t], kind="stable")[:k] for t in range(len(texts))]
         i2t = []
         for i in range(len(images)):
@@ -71,6 +71,19 @@ def test_collapsed_or_nan_embeddings_are_not_perfect():
     nan = np.full((n, dim), np.nan)
     assert max(retrieval.retrieval_metrics(nan, nan, np.arange(n)).values()) == 0.0
     assert max(zeroshot.zeroshot_metrics(nan, labels, np.ones((10, dim))).values()) == 0.0
+    # Fewer candidates than k: NaN rows were given rank C, a hit at k >= C (recall@10 of 5 NaN images was 1.0).
+    assert max(retrieval.retrieval_metrics(nan[:5], nan[:5], np.arange(5)).values()) == 0.0
+    assert zeroshot.zeroshot_metrics(nan[:6], labels[:6] % 3, np.ones((3, dim)))["zeroshot_top5"] == 0.0
+    # One NaN caption costs its own hits only (it made every image's i2t a miss).
+    eye = np.eye(8)
+    texts = eye.copy()
+    texts[3] = np.nan
+    got = retrieval.retrieval_metrics(eye, texts, np.arange(8), ks=(1,))
+    assert got == {"i2t_r1": 7 / 8, "t2i_r1": 7 / 8}
+    weights = np.eye(8)[:4]
+    weights[2] = np.nan  # a NaN class weight: its images miss, the others are still scored
+    z = zeroshot.zeroshot_metrics(np.eye(8)[[0, 1, 2, 3]], [0, 1, 2, 3], weights)
+    assert z["zeroshot_top1"] == 0.75
 
 
 def test_retrieval_perfect_and_errors():

@@ -40,22 +40,28 @@ def group_captions_by_image(image_keys: Sequence[Hashable]) -> tuple[np.ndarray,
     return np.asarray(first_rows, np.int64), text_to_image
 
 
+MISS = np.iinfo(np.int64).max  # the rank of a query with no finite positive: outside every top-k
+
+
 def best_positive_rank(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """0-based position of each row's first positive in a top-k ranking of its candidates `[Q]`.
 
     Args:
       scores: `[Q, C]` similarities; positive: bool `[Q, C]`, >= 1 True per row.
-    Ties rank by candidate index, as `torch.topk`/`argmax` (open_clip, CLIP_benchmark) do: counting
-    only strictly higher scores would make every tie a hit, so a collapsed model whose embeddings
-    are all equal would score recall 1.0. A row with a non-finite score is a miss (rank C): NaN
-    embeddings must not count as perfect either.
+    Ties rank by candidate index (deterministic; torch.topk's order among ties is unspecified):
+    counting only strictly higher scores would make every tie a hit, so a collapsed model whose
+    embeddings are all equal would score recall 1.0. A non-finite score (a NaN embedding) ranks
+    below every finite one, and a row whose positives are all non-finite is a miss at every k
+    (`MISS`, not C: with k >= C, rank C was a hit), so NaN embeddings never count as perfect and
+    one NaN caption costs its own hits only.
     """
     candidates = np.arange(scores.shape[1])
-    masked = np.where(positive, scores, -np.inf)
+    clean = np.where(np.isfinite(scores), scores, -np.inf)
+    masked = np.where(positive, clean, -np.inf)
     best_index = np.argmax(masked, axis=1)[:, None]  # the lowest index among tied best positives
     best = np.take_along_axis(masked, best_index, axis=1)
-    rank = np.sum(scores > best, axis=1) + np.sum((scores == best) & (candidates < best_index), axis=1)
-    return np.where(np.all(np.isfinite(scores), axis=1), rank, scores.shape[1])
+    rank = np.sum(clean > best, axis=1) + np.sum((clean == best) & (candidates < best_index), axis=1)
+    return np.where(np.isfinite(best[:, 0]), rank, MISS)
 
 
 def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: Sequence[int],
