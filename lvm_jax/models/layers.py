@@ -794,14 +794,15 @@ class MAPHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """`[B, L, D]` -> `[B, D]`."""
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    """`[B, L, D]` -> `[B, D]`; mask: optional bool broadcastable to `[B, heads, 1, L]`, True for
+    the tokens the probe may attend to (a text tower's non-padding tokens)."""
     batch, width = x.shape[0], x.shape[-1]
     probe = self.param("probe", logical(dense_init, (None, None, "embed")), (1, 1, width),
                        self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
     x = Attention(self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="attn")(probe, x)
+                  param_dtype=self.param_dtype, name="attn")(probe, x, mask=mask)
     y = layer_norm(self.norm_eps, self.dtype, self.param_dtype, "norm")(x)
     x = x + Mlp(self.mlp_dim or 4 * width, self.act, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="mlp")(y)

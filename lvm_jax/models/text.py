@@ -96,5 +96,5 @@ class TextTransformer(nn.Module):
         else:
             pooled = MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, act=self.act,
                              norm_eps=self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="map_head")(x)
+                             param_dtype=self.param_dtype, name="map_head")(x, mask=attn_mask)
         return {"pooled": pooled, "tokens": x}
