@@ -168,3 +168,23 @@ def test_pad_id_fills_after_eot_only(tok):
         np.testing.assert_array_equal(row_plain[:n + 1], row_sticky[:n + 1])
         assert (row_plain[n + 1:] == 0).all() and (row_sticky[n:] == tok.eot_token_id).all()
     assert tok.decode(sticky[0]) == tok.decode(plain[0]) == "a cat"
+
+
+def test_finding_the_vocab_imports_neither_open_clip_nor_torch(tmp_path):
+    """configs/clip_b16.py calls default_vocab_path while loading: importing open_clip there took ~10 s
+    (torch) and crashed the config load where torch is broken (an OSError, not an ImportError)."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "open_clip"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise OSError('libcudnn.so: cannot open shared object file')\n")
+    code = ("import sys; from lvm_jax.data.tokenizer import default_vocab_path; p = default_vocab_path(); "
+            "assert 'open_clip' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules); "
+            "from lvm_jax.config import load_config_file; c = load_config_file('configs/clip_b16.py'); "
+            "assert c.tokenizer.path == p, c.tokenizer.path; print(p)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{root}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("bpe_simple_vocab_16e6.txt.gz")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import importlib.util
 import json
 import os
 import re
@@ -79,12 +80,14 @@ def default_vocab_path() -> str:
     """Path of CLIP's `bpe_simple_vocab_16e6.txt.gz`: the copy in this repo's tests/fixtures, else open_clip's."""
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [os.path.join(here, "..", "..", "tests", "fixtures", "bpe_simple_vocab_16e6.txt.gz")]
+    # open_clip's package folder is looked up, not imported: importing it imports torch (seconds, a
+    # crash where torch's CUDA libraries are broken) and sets TOKENIZERS_PARALLELISM for the process.
     try:
-        import open_clip  # only to find the file it ships; never imported for tokenizing
-
-        candidates.append(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"))
-    except ImportError:
-        pass
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidates.append(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz"))
     for path in candidates:
         if os.path.isfile(path):
             return os.path.normpath(path)
