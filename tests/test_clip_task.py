@@ -373,6 +373,7 @@ def test_resume_is_bitwise_exact_and_lvm_eval_agrees(tmp_path):
     (["--config.lit.lock_image=True", "--config.lit.unlocked_blocks=5"], "unlocked_blocks=5 is outside [0, 2]"),
     (["--config.tokenizer.path=/nonexistent/vocab.txt.gz"], "/nonexistent/vocab.txt.gz"),
     (["--config.model.text.vocab_size=100"], "is smaller than the tokenizer's"),
+    (["--config.model.text.pool=first"], "pool='first' with a causal text tower gives every caption the same"),
     (["--config.data.source=captions", "--config.data.path=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, overrides, message):

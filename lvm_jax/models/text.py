@@ -32,6 +32,10 @@ class TextTransformer(nn.Module):
     position (SigLIP uses 'last' with a bidirectional encoder); 'map' is attention pooling.
     pad_mask: with `causal=False`, stop every token attending to padding (id `pad_id`),
     open_clip's `use_pad_mask`; a causal tower never sees the padding after EOT anyway.
+    Every id equal to `pad_id` is hidden: with CLIP's vocabulary id 0 is also the token '!'
+    (as in open_clip), so pick a `pad_id` the tokenizer never emits mid-text where that matters.
+    The encoder's dense layers start from xavier-uniform (big_vision's init); open_clip's text
+    tower starts its residual projections 3-5x smaller (std width^-0.5 (2 depth)^-0.5).
     """
     vocab_size: int = 49408
     context_length: int = 77
@@ -65,6 +69,7 @@ class TextTransformer(nn.Module):
                              "tokenize with a context_length no larger than the model's.")
         if self.pad_mask and self.causal:
             raise ValueError("pad_mask only applies to a bidirectional text tower; set causal=False.")
+
         length = tokens.shape[1]
 
         embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,

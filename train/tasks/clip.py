@@ -546,6 +546,12 @@ def build_clip(model_cfg: ml_collections.ConfigDict, vocab_size: int, pad_vocab_
     elif text["vocab_size"] < vocab_size:
         raise UserError(f"config.model.text.vocab_size={text['vocab_size']} is smaller than the tokenizer's "
                         f"{vocab_size} ids; set it to None to take the tokenizer's size.")
+    if text.get("pool") == "first" and text.get("causal", True):
+        # Under the causal mask the first token attends only to itself (SOT): every caption would pool
+        # to one vector and the text tower could learn nothing. (A converted open_clip model may be
+        # built that way; training one is refused.)
+        raise UserError("config.model.text.pool='first' with a causal text tower gives every caption the same "
+                        "embedding; use pool='eot' (or 'last'), or set config.model.text.causal=False.")
     cfg["vision"], cfg["text"] = vision, text
     for key in ("dtype", "param_dtype"):
         if isinstance(cfg.get(key), str):
