@@ -31,7 +31,8 @@ Load the pretrained tower with `config.init_from`: an lvm_jax `clip` / `supervis
 workdir, or a converted checkpoint (`lvm-convert`: timm, open_clip, DINOv2, big_vision ...).
 
 Tokenizer (built once per task): `config.tokenizer.path` loads a vocabulary file (CLIP's
-bpe_simple_vocab_16e6.txt.gz or a tokenizer.json); otherwise a fresh BPE vocabulary of
+bpe_simple_vocab_16e6.txt.gz or a tokenizer.json, or SigLIP's SentencePiece `.model` for a
+converted SigLIP text tower: ids, sticky EOS, EOS padding, with text.pool='last'); otherwise a fresh BPE vocabulary of
 `config.tokenizer.train_vocab_size` is trained on the training captions (deterministic,
 so a resumed run or `lvm-eval` rebuilds the same ids). The text tower's vocabulary is
 padded up to a multiple of `config.tokenizer.pad_vocab_to` so it shards evenly.
@@ -64,7 +65,10 @@ from lvm_jax import sharding
 from lvm_jax.data import synthetic as synthetic_data
 from lvm_jax.data import transforms as T
 from lvm_jax.data.captions import build_captions_source, build_webdataset_source
+from lvm_jax.data.sentencepiece_tokenizer import SentencePieceTokenizer
 from lvm_jax.data.tokenizer import ClipTokenizer, train_bpe
+
+Tokenizer = ClipTokenizer | SentencePieceTokenizer
 from lvm_jax.errors import UserError
 from lvm_jax.evals import retrieval, zeroshot
 from lvm_jax.models import ViT
@@ -89,7 +93,7 @@ LOSSES = ("softmax", "sigmoid")
 class TokenizeCaption(grain.MapTransform):
     """Last host step: record['caption'] -> 'tokens' int32 `[L]`; keeps only `keys` (+ tokens)."""
 
-    def __init__(self, tokenizer: ClipTokenizer, context_length: int, keys: tuple[str, ...], pad_id: int = 0):
+    def __init__(self, tokenizer: Tokenizer, context_length: int, keys: tuple[str, ...], pad_id: int = 0):
         self.tokenizer, self.context_length, self.keys = tokenizer, int(context_length), tuple(keys)
         self.pad_id = int(pad_id)
 
@@ -168,9 +172,12 @@ def source_captions(source: Any, limit: int) -> list[str]:
     return list(captions[:limit])
 
 
-def build_tokenizer(tok_cfg: ml_collections.ConfigDict, train_source: Any) -> ClipTokenizer:
-    """The vocabulary file at `tok_cfg.path`, else a BPE vocabulary trained on the training captions."""
+def build_tokenizer(tok_cfg: ml_collections.ConfigDict, train_source: Any) -> Tokenizer:
+    """The vocabulary file at `tok_cfg.path` (CLIP BPE, a tokenizer.json, or a SentencePiece `.model`
+    for SigLIP checkpoints), else a BPE vocabulary trained on the training captions."""
     path = tok_cfg.get("path", "")
+    if path and str(path).endswith(".model"):
+        return SentencePieceTokenizer.from_file(path)
     if path:
         return ClipTokenizer.from_file(path)
     vocab_size = int(tok_cfg.get("train_vocab_size", 0) or 0)
@@ -247,7 +254,7 @@ class ClipTask(Task):
         return self._train_source
 
     @property
-    def tokenizer(self) -> ClipTokenizer:
+    def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             tok_cfg = self.config.get("tokenizer", ml_collections.ConfigDict())
             self._tokenizer = build_tokenizer(tok_cfg, None if tok_cfg.get("path", "") else self.train_source())
@@ -264,6 +271,10 @@ class ClipTask(Task):
         (EOT) for every caption only if the padding is EOT, as big_vision pads for SigLIP; a
         zero pad would pool the embedding of '!' (id 0 in CLIP's BPE). Otherwise 0 (open_clip)."""
         text = self.config.model.get("text", None) or {}
+        if isinstance(self.tokenizer, SentencePieceTokenizer) and text.get("pool", "eot") == "eot":
+            # 'eot' pools at argmax(ids): CLIP's EOT is its largest id, a SentencePiece EOS (1) is not.
+            raise UserError("config.model.text.pool='eot' needs CLIP's BPE vocabulary (EOT is its largest id); "
+                            "with a SentencePiece tokenizer use pool='last' (SigLIP) or 'map'.")
         if text.get("pool", "eot") != "last":
             return int(text.get("pad_id", 0))
         if text.get("pad_mask", False):
