@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from lvm_jax.data import files
+from lvm_jax.data.tokenizer import text_list
 from lvm_jax.errors import UserError
 
 DEFAULT_CONTEXT_LENGTH = 64  # SigLIP's text length
@@ -93,14 +94,7 @@ class SentencePieceTokenizer:
                  pad_id: int | None = None) -> np.ndarray:
         """Tokenizes texts to `np.int32 [N, context_length]`: the first `context_length - 1` ids,
         EOS, then `pad_id` (default EOS, as SigLIP pads)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if context_length < 1:
-            raise ValueError(f"context_length={context_length} leaves no room for EOS; use >= 1.")
-        for t in texts:
-            if not isinstance(t, str):
-                raise ValueError(f"Tokenizer got a {type(t).__name__}, not a str; pass a list of strings.")
+        texts = text_list(texts, context_length, 1, "EOS")
         pad = self.eot_token_id if pad_id is None else int(pad_id)
         out = np.full((len(texts), context_length), pad, np.int32)
         if not texts:

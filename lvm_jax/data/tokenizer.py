@@ -107,6 +107,18 @@ def _base_vocab() -> list[str]:
     return symbols + [s + "</w>" for s in symbols]
 
 
+def text_list(texts: str | Iterable[str], context_length: int, minimum: int, specials: str) -> list[str]:
+    """`texts` as a list (one str is one text), checked: every item a str and `context_length` at least
+    `minimum`, the room the tokenizer's `specials` take."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if context_length < minimum:
+        raise ValueError(f"context_length={context_length} leaves no room for {specials}; use >= {minimum}.")
+    for t in texts:
+        if not isinstance(t, str):
+            raise ValueError(f"Tokenizer got a {type(t).__name__}, not a str; pass a list of strings.")
+    return texts
+
+
 class ClipTokenizer:
     """CLIP BPE tokenizer: `tok(texts, context_length=77) -> np.int32 [N, context_length]`.
 
@@ -227,14 +239,7 @@ class ClipTokenizer:
         open_clip; a tower pooled at the last position wants `pad_id=eot_token_id`
         (big_vision's "sticky" EOS), so that position holds EOT for every caption.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if context_length < 2:
-            raise ValueError(f"context_length={context_length} leaves no room for SOT and EOT; use >= 2.")
-        for t in texts:
-            if not isinstance(t, str):
-                raise ValueError(f"Tokenizer got a {type(t).__name__}, not a str; pass a list of strings.")
+        texts = text_list(texts, context_length, 2, "SOT and EOT")
         all_ids = self._encode_cleaned([clean_text(t) for t in texts])
         out = np.full((len(texts), context_length), pad_id, np.int32)
         for row, ids in zip(out, all_ids):
