@@ -172,6 +172,20 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def to_host(tree: Any) -> Any:
+    """`tree`'s arrays as NumPy arrays holding their full (global) values, on every process.
+
+    Collective when there are several processes (every process must call it): an array sharded
+    across hosts (fsdp over a pod, a batch split over processes) is not fully addressable on any
+    one of them, and `jax.device_get` of it fails; the values are all-gathered instead.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
 def axis_rules():
     """Context manager installing LOGICAL_RULES for `nn.with_logical_constraint` inside traced code."""
     return nn.logical_axis_rules(LOGICAL_RULES)

@@ -146,7 +146,7 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], Any], params: Any,
         out = dict(out) if isinstance(out, Mapping) else {"features": out}
         out["label"] = labels
         out["valid"] = valid
-        host_out = _to_host(out)
+        host_out = sharding.to_host(out)
         keep = host_out.pop("valid").astype(bool)
         for name, value in host_out.items():
             collected.setdefault(name, []).append(value[keep])
@@ -155,9 +155,3 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], Any], params: Any,
     return {name: np.concatenate(parts) for name, parts in collected.items()}
 
 
-def _to_host(tree: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(tree, tiled=True).items()}
-    return {k: np.asarray(v) for k, v in jax.device_get(tree).items()}

@@ -445,10 +445,10 @@ class ClipTask(Task):
         with sharding.mesh_context(self.mesh):
             for batch in self.eval_batches(source, self.eval_transforms(data_cfg)):
                 out = jax.device_get(fn(params, {k: v for k, v in batch.items() if k in ("image", "tokens")}))
-                valid = np.asarray(_gather(batch["valid"]))
+                valid = np.asarray(sharding.to_host(batch["valid"]))
                 for key in ("label", "id"):
                     if key in batch:
-                        out[key] = _gather(batch[key])
+                        out[key] = sharding.to_host(batch[key])
                 for key, value in out.items():
                     parts.setdefault(key, []).append(np.asarray(value)[valid])
         return {k: np.concatenate(v) for k, v in parts.items()}
@@ -524,13 +524,6 @@ class ClipTask(Task):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _gather(x: jax.Array) -> np.ndarray:
-    """All rows of a batch-sharded global array on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def build_clip(model_cfg: ml_collections.ConfigDict, vocab_size: int, pad_vocab_to: int = 64) -> CLIP:

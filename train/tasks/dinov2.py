@@ -476,7 +476,11 @@ class Dinov2Task(Task):
         return _Subset(source, indices)
 
     def save_pictures(self, state: TrainState, out_dir: epath.Path, count: int) -> list[str]:
-        """Last-layer CLS attention and patch PCA of the teacher backbone for `count` eval images."""
+        """Last-layer CLS attention and patch PCA of the teacher backbone for `count` eval images.
+
+        Every process calls it: the teacher is gathered first (under an fsdp axis that spans hosts no
+        process holds all of it, and process 0's device_get failed after the run's last eval)."""
+        params = sharding.to_host(state.extra["teacher"]["backbone"])
         if jax.process_index() != 0:
             return []
         from lvm_jax.evals.pictures import save_dino_pictures
@@ -484,7 +488,6 @@ class Dinov2Task(Task):
         loader = lvm_data.make_loader(self._eval_cache["test"], self._eval_cache["ops"], batch_size=count,
                                       shuffle=False, num_epochs=1, drop_remainder=False)
         images = next(iter(loader))["image"]
-        params = jax.device_get(state.extra["teacher"]["backbone"])
         return save_dino_pictures(self.backbone, params, images, str(out_dir), prefix="dinov2_",
                                   mean=tuple(self.config.data.get("mean", None) or lvm_data.IMAGENET_MEAN),
                                   std=tuple(self.config.data.get("std", None) or lvm_data.IMAGENET_STD))
