@@ -11,6 +11,12 @@ grad wrt its weights), except those whose input needs no gradient: the patch
 embedding (images are not differentiated, so 2x) and anything run without
 gradient (an EMA teacher: 1x). `tests/test_bench.py` checks these counts
 against the dots and convolutions XLA actually compiles.
+
+Attention is counted at its full T x S size even under a causal mask (the CLIP text tower), as
+PaLM does and as the dense kernels compute it (a causal-aware count would be ~0.2% lower for
+CLIP B/16). DINOv2's iBOT head is counted on every padded masked-patch slot, the work the step
+(and facebookresearch/dinov2, which runs the head on its upper-bound buffer) really does: the
+S/14 suite row's MFU counts ~6% of slots that hold no masked patch.
 """
 from __future__ import annotations
 
@@ -112,7 +118,9 @@ def clip_flops(model: Any, image_size: int, context_length: int, batch: int, tra
   text = model.text_tower if hasattr(model, "text_tower") else _clip_text_tower(model)
   patch, image_rest = vit_forward_flops(image, image_size, batch)
   text_fwd = text_forward_flops(text, context_length, batch)
-  projections = 2 * batch * (vit_dims(image).width + text.width) * model.embed_dim
+  # No image projection (SigLIP's MAP-pooled towers, image_projection=False): only the text one.
+  image_width = vit_dims(image).width if getattr(model, "image_projection", True) else 0
+  projections = 2 * batch * (image_width + text.width) * model.embed_dim
   logits = 2 * batch * batch * model.embed_dim
   rest = image_rest + text_fwd + projections + logits
   return (2 * patch + 3 * rest) if train else (patch + rest)

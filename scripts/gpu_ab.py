@@ -10,7 +10,9 @@ from the same run. Then the switches that won on their own are combined, the
 best variant is profiled (jax.profiler -> perfetto trace, summed per kernel
 and per kind: GEMM, attention, conv, elementwise/reduction fusions, copies),
 its optimised HLO is dumped, and the remaining budget runs the other suite
-rows (ViT-L/16, DINOv2 S/14, CLIP B/16) with the winning switches.
+rows (ViT-L/16, DINOv2 S/14, CLIP B/16) with the winning switches. At
+--budget-s 330 (gpu_check.sh's default) expect the baseline, the A/B rows and the
+profile; the other models' rows need a larger budget (or lvm-bench --suite gpu).
 Writes DIR/ab.json (every row), DIR/profile_summary.json,
 DIR/perfetto_trace.json.gz and DIR/hlo_after_optimizations.txt.gz; prints a
 table last.
@@ -22,6 +24,7 @@ import glob
 import gzip
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -31,6 +34,11 @@ import time
 from collections import defaultdict
 from typing import Any
 
+# Run directly (`python scripts/...`, and its child processes) where lvm_jax is not installed: the
+# checkout is the package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+PROFILE_RESERVE_S = 80.0  # what the profile stage needs (trace + HLO dump of one compiled step)
 BASE_ARGS = ["--model", "vit", "--variant", "B/16", "--batch", "256", "--res", "224", "--mode", "train",
              "--dtype", "bfloat16", "--attention", "cudnn", "--steps", "15", "--warmup", "3"]
 # The A/B baseline: the GPU defaults of lvm_jax/models/perf.py as of 2026-11-27 (set explicitly, so a
@@ -77,7 +85,7 @@ def bench(name: str, env_changes: dict[str, str], extra: list[str], timeout: flo
     path = f.name
   env = dict(os.environ, **DEFAULTS)
   env.update(env_changes)
-  cmd = [sys.executable, "-m", "lvm_jax.bench", *BASE_ARGS, *extra, "--json", path]
+  cmd = [sys.executable, "-m", "lvm_jax.bench", *BASE_ARGS, *extra, "--json", path, "--no-plot"]
   row: dict[str, Any] = {"name": name, "kind": kind, "env": {k: env.get(k, "") for k in (*DEFAULTS, "XLA_FLAGS")},
                          "args": " ".join(cmd[3:])}
   start = time.monotonic()
@@ -357,7 +365,9 @@ def main() -> int:
     timm = next((r["img_per_s"] for r in base.get("results", [])[1:]), None)
     # The baseline again in the same process as the singles: their ratios use it (same process,
     # same GPU state); the first process's baseline gives the timm ratio and the run-to-run spread.
-    singles = bench_in_one_process([("baseline (in process)", {})] + SINGLE, left() - 30, rows)
+    # The profile keeps its share: the singles took all but 30 s, and the profile (> 60 s) never ran.
+    reserve = PROFILE_RESERVE_S if "profile" in stages else 0.0
+    singles = bench_in_one_process([("baseline (in process)", {})] + SINGLE, max(left() - 30 - reserve, 60), rows)
     save()
     ref = next((r for r in singles if r["name"].startswith("baseline") and img_per_s(r)), base)
     for (name, change), row in zip(SINGLE, singles[1:]):
@@ -367,13 +377,13 @@ def main() -> int:
     # the in-process baseline is the only measured reference.
     flag_ref = base if img_per_s(base) else ref
     for name, change in FLAG_VARIANTS:
-      if left() < 60:
+      if left() - reserve < 60:
         break
       row = bench(name, change, [], min(150, left()), rows)
       save()
       if wins(row, flag_ref):
         winners.update(change)
-    if len(winners) > 1 and left() > 60:
+    if len(winners) > 1 and left() - reserve > 60:
       if "XLA_FLAGS" in winners:  # flags need a process of their own
         bench("combined winners", winners, [], min(150, left()), rows)
       else:

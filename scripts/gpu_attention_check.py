@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 import time
+
+# Run directly (`python scripts/...`, and its child processes) where lvm_jax is not installed: the
+# checkout is the package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

@@ -9,11 +9,11 @@
 # ml_collections (optax chain instead of lvm_jax.optim), open_clip (the CLIP row times JAX only).
 # Pure-python wheels placed in .whl/ are installed first, offline, without dependencies.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/bench_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"  # the device's interpreter is python3 (no `python` there)
 
 if [[ -z "${NO_WHEELS:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install --no-index --no-deps --quiet .whl/*.whl 2>&1 | tail -3

@@ -169,6 +169,12 @@ def test_clip_flops_match_xla():
   assert F.clip_flops(model, 16, 12, batch, train=False) == _hlo_dots(logits, params)
   extra = attention_recompute(F.vit_dims(model.bind({"params": params}).image_tower), batch, 4 + 1)
   assert F.clip_flops(model, 16, 12, batch, train=True) + extra == _hlo_dots(jax.grad(loss), params)
+  # Without an image projection (SigLIP: embed_dim = the image width) the count drops that matmul.
+  bare = CLIP(embed_dim=48, image_projection=False, vision=model.vision, text=model.text)
+  bare_params = jax.eval_shape(bare.init, jax.random.key(0), images, tokens)["params"]
+  bare_logits = lambda p: (lambda o: l2_normalize(o["image"]) @ l2_normalize(o["text"]).T)(  # noqa: E731
+      bare.apply({"params": p}, images, tokens))
+  assert F.clip_flops(bare, 16, 12, batch, train=False) == _hlo_dots(bare_logits, bare_params)
 
 
 def test_dinov2_flops_match_the_bench_step_within_the_loss_matmuls():
@@ -339,6 +345,10 @@ def test_cli_errors_are_one_line(argv, message, capsys):
 
 def test_suite_merges_rows_skips_when_out_of_budget_and_survives_failures(tmp_path, monkeypatch):
   """Rows are stand-in processes here: the driver's bookkeeping is what is tested."""
+  assert "--no-plot" in suite.row_command("vit", "B/16", 8, [], True, "r.json", 2, 1)  # rows draw no PNG
+  # The CLIP row times open_clip eager (its torch.compile outran the row limit on the H200: the whole
+  # row was lost), and its record says so.
+  assert [r[4] for r in suite.GPU_ROWS if r[0] == "clip"] == [False]
   row = {"results": [{"framework": "jax", "model": "vit", "img_per_s": 10.0}], "ratios": [],
          "env": {"backend": "gpu"}, "peak_tflops": 989.0}
   script = "import json,sys; json.dump(%r, open(sys.argv[1], 'w'))" % row
@@ -359,6 +369,12 @@ def test_suite_merges_rows_skips_when_out_of_budget_and_survives_failures(tmp_pa
   assert [r["status"] for r in payload["rows"]] == ["ok", "failed (exit 3)", "ok"]
   assert len(payload["results"]) == 2
   assert (tmp_path / "suite.png").exists()
+  # A chart that fails to draw stops nothing (the JSON is the result); row processes draw none.
+  from lvm_jax.bench import plot
+
+  monkeypatch.setattr(plot, "save_results_plot", lambda *a: 1 / 0)
+  assert suite.run_suite(args) == 0
+  assert [r["status"] for r in json.loads(out.read_text())["rows"]] == ["ok", "failed (exit 3)", "ok"]
   # Out of budget: every row is skipped, and the file still says why.
   monkeypatch.setattr(suite, "MIN_ROW_S", 1e9)
   assert suite.run_suite(args) == 0

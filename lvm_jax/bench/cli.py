@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-name", help="--model data --data-source tfds: the TFDS data set name (config.data.name)")
   p.add_argument("--read-threads", type=int, default=8,
                  help="--model data: records read in flight (config.data.read_threads; default 8)")
-  p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+  p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (and a bar chart to PATH.png)")
+  p.add_argument("--no-plot", action="store_true", help="--json without the PNG (the suite's row processes)")
   p.add_argument("--suite", choices=("gpu",), help="run a predefined suite (gpu: ViT-B/L, CLIP-B, DINOv2-S/L)")
   p.add_argument("--budget-s", type=float, default=330.0, help="--suite: wall-clock budget in seconds")
   p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from lvm_jax.bench.plot import png_path, save_results_plot
 
     write_json(args.json, payload)
-    plotted = save_results_plot(payload, png_path(args.json))
+    plotted = None if args.no_plot else save_results_plot(payload, png_path(args.json))
     print(f"wrote {args.json}" + (f" and {plotted}" if plotted else ""))
   return 0
 

@@ -25,7 +25,9 @@ from typing import Any
 # acceptance (MFU, ratio to timm), so it runs first.
 GPU_ROWS: list[tuple[str, str, int, list[str], bool]] = [
     ("vit", "B/16", 256, [], True),
-    ("clip", "B/16", 256, [], True),
+    # open_clip under torch.compile did not finish inside the row limit on the 2026-11-26 H200 run (the
+    # whole row, JAX numbers included, was lost): eager, and the row's note says the ratio is to eager.
+    ("clip", "B/16", 256, [], False),
     ("dinov2", "S/14", 64, ["--scan-layers"], False),
     ("vit", "L/16", 128, ["--scan-layers"], True),
     ("dinov2", "L/14", 16, ["--scan-layers"], False),
@@ -40,12 +42,11 @@ def row_command(model: str, variant: str, batch: int, extra: list[str], torch_co
   return [sys.executable, "-m", "lvm_jax.bench", "--model", model, "--variant", variant, "--batch", str(batch),
           "--res", "224", "--mode", "train", "--dtype", "bfloat16", "--attention", "cudnn", "--compare", "torch",
           "--torch-compile", "on" if torch_compile else "off", "--steps", str(steps), "--warmup", str(warmup),
-          "--json", json_path, *extra]
+          "--json", json_path, "--no-plot", *extra]
 
 
 def run_suite(args: argparse.Namespace) -> int:
   from lvm_jax.bench.measure import SCHEMA, markdown_table, ratio_lines, write_json
-  from lvm_jax.bench.plot import png_path, save_results_plot
 
   out = args.json or "lvm_bench_gpu_suite.json"
   deadline = time.monotonic() + args.budget_s
@@ -68,6 +69,8 @@ def run_suite(args: argparse.Namespace) -> int:
     record["command"] = " ".join(cmd[2:])
     if compile_ and not use_compile:
       record["note"] = "torch.compile skipped to stay inside the budget; torch ran eager"
+    elif not compile_:
+      record["note"] = "torch ran eager (no torch.compile for this row): the ratio is to eager PyTorch"
     start = time.monotonic()
     try:
       proc = subprocess.run(cmd, env=env, timeout=min(ROW_TIMEOUT_S, left), capture_output=True, text=True)
@@ -93,11 +96,22 @@ def run_suite(args: argparse.Namespace) -> int:
       os.unlink(row_json)
     payload["rows"].append(record)
     write_json(out, payload)
-    save_results_plot(payload, png_path(out))  # redrawn per row, as the JSON: a killed suite keeps both
+    _plot(payload, out)  # redrawn per row, as the JSON: a killed suite keeps both
     print(f"[suite] {model} {variant} b{batch}: {record['status']} in {record['wall_s']} s", flush=True)
   print(markdown_table(payload["results"]))
   for line in ratio_lines(payload["ratios"]):
     print(line)
-  plotted = save_results_plot(payload, png_path(out))
+  plotted = _plot(payload, out)
   print(f"wrote {out}" + (f" and {plotted}" if plotted else ""))
   return 0
+
+
+def _plot(payload: dict[str, Any], out: str) -> str | None:
+  """The suite's chart; a drawing error is reported, never allowed to stop the remaining rows."""
+  from lvm_jax.bench.plot import png_path, save_results_plot
+
+  try:
+    return save_results_plot(payload, png_path(out))
+  except Exception as e:  # noqa: BLE001 - the JSON holds the results; the picture is a convenience
+    print(f"[suite] no chart: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    return None
