@@ -229,7 +229,8 @@ def test_dino_head_flops_count_every_layer():
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0), ("NVIDIA H100 PCIe", "bfloat16", 756.0),
     ("NVIDIA H200", "float32", 494.7), ("NVIDIA A100-SXM4-40GB", "float32", 156.0),
     ("TPU v5 lite", "bfloat16", 197.0), ("TPU v5", "bfloat16", 459.0), ("TPU v4", "float32", 275.0),
-    ("TPU v6 lite", "bfloat16", 918.0), ("cpu", "float32", None)])
+    ("TPU v6 lite", "bfloat16", 918.0), ("NVIDIA H100 NVL", "bfloat16", 835.5), ("NVIDIA H200 NVL", "float32", 417.5),
+    ("TPU v4 lite", "bfloat16", 138.0), ("cpu", "float32", None)])
 def test_device_peak_table(kind, dtype, peak):
   assert measure.device_peak_tflops(kind, dtype) == peak
 

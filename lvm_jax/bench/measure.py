@@ -35,8 +35,11 @@ DEVICE_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "TPU v6e": (918.0, 918.0),
     "A100": (312.0, 156.0),
     "H100 PCIe": (756.0, 378.0),
+    "H100 NVL": (835.5, 417.5),  # datasheet 1671 / 835 TFLOP/s are with sparsity
     "H100": (989.0, 494.7),  # SXM / HBM3
+    "H200 NVL": (835.5, 417.5),
     "H200": (989.0, 494.7),
+    "TPU v4 lite": (138.0, 138.0),  # v4i, the inference chip: "TPU v4" would give it 275
 }
 
 
