@@ -218,3 +218,20 @@ def test_a_hold_out_from_one_image_names_the_cause(tmp_path):
     _write_shard(tmp_path / "one.tar", [("a", {"jpg": b"i", "txt": b"c"})])
     with pytest.raises(ValueError, match=r"one.tar' holds 1 distinct image\(s\), too few"):
         C.build_webdataset_source(_cfg(path=str(tmp_path / "one.tar")), "eval")
+
+
+def test_a_failing_shard_under_raise_stops_the_scan_of_the_queued_shards(tmp_path, monkeypatch):
+    shards = [str(tmp_path / f"{i:05d}.tar") for i in range(40)]
+    scanned = []
+
+    def index_shard(path, errors="skip"):
+        scanned.append(path)
+        if path == shards[0]:
+            raise ValueError(f"{path}: a corrupt header")
+        return [("k", 0, 1, "a caption")], {}
+
+    monkeypatch.setattr(C, "index_shard", index_shard)
+    with pytest.raises(ValueError, match="a corrupt header"):
+        C.WebDatasetSource(shards, errors="raise", num_threads=1)
+    # The error used to surface only after all 40 shards were scanned (thousands in a bucket).
+    assert len(scanned) <= 2

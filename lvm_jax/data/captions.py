@@ -436,9 +436,16 @@ class WebDatasetSource:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, n))) as pool, \
                 tqdm(total=n, desc="indexing webdataset shards", unit="shard", disable=n < 16, mininterval=5) as bar:
             futures = {pool.submit(_cached_index, self.shards[i], errors, index_dir): i for i in order}
-            for future in concurrent.futures.as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update(1)
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update(1)
+            except BaseException:
+                # A shard that fails under errors='raise' (or Ctrl-C): report it now, not after every
+                # queued shard has been scanned (thousands in a bucket).
+                for future in futures:
+                    future.cancel()
+                raise
         shard_ids, keys, offsets, sizes, captions = [], [], [], [], []
         self.skipped: dict[str, int] = {}
         for shard_id, (samples, skipped) in enumerate(results):
