@@ -241,6 +241,7 @@ METRICS = ("img_per_s", "step_ms", "step_ms_min", "step_ms_max", "compile_s", "t
            "tflop_per_step", "xla_tflop_per_step", "framework", "impl", "notes")
 
 
+@pytest.mark.slow  # 47 s: the default tier neared its ~15 min budget (CI runs the slow tier too)
 def test_cli_json_schema_with_torch(tmp_path, capsys):
   pytest.importorskip("timm")
   out = tmp_path / "bench.json"
