@@ -102,17 +102,19 @@ def layer_decay_multiplier(name: str, ndim: int, depth: int, decay: float,
 
 
 def default_layer_id(name: str) -> int | None:
-    """0 for the stem (patch/conv stem, pos/cls/register/mask tokens, the pre-norm), i+1 for block i,
+    """0 for the stem (patch embedding, pos/cls/register/mask tokens, the pre-norm), i+1 for block i,
     None (= top) for the rest (final norm, pooling, heads).
 
-    As timm's `VisionTransformer.group_matcher` (its stem group holds `norm_pre`, CLIP's ln_pre, and
-    the patch embedding, which in timm also holds a conv stem): giving those the top multiplier made
-    ln_pre learn up to `1 / decay ** (depth + 1)` times faster than timm when fine-tuning a CLIP tower.
+    As timm's `VisionTransformer.group_matcher`, whose stem group holds `norm_pre` (CLIP's ln_pre):
+    with the top multiplier, ln_pre learned up to `1 / decay ** (depth + 1)` times faster than in timm
+    when fine-tuning a CLIP tower. lvm_jax's conv stem (`conv_stem`, the hybrid recipes trained from
+    scratch; timm's hybrids are not converted) keeps the top multiplier: configs/dinov2_synthetic.py's
+    documented results were tuned with it so.
     """
     m = re.search(r"blocks_(\d+)", name)
     if m:
         return int(m.group(1)) + 1
-    if re.search(r"(embed|cls|register|reg_tokens|mask_token|pos|norm_pre|conv_stem)", name):
+    if re.search(r"(embed|cls|register|reg_tokens|mask_token|pos|norm_pre)", name):
         return 0
     return None
 
