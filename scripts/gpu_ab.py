@@ -168,6 +168,8 @@ def variants_child(spec_path: str, out_path: str) -> None:
       cli.validate(args)
       payload = cli.run(args)
       row.update(status="ok", **_payload_fields(payload))
+      if done:  # jax's peak_bytes_in_use is never reset within a process
+        row["note"] = "peak_mem_gb: the process's peak so far (this variant's or an earlier one's)"
     except Exception as e:  # noqa: BLE001 - record and go on with the next variant
       row.update(status="failed", error=f"{type(e).__name__}: {str(e)[:1500]}")
     row["wall_s"] = round(time.monotonic() - start, 1)
