@@ -32,10 +32,11 @@ workdir, or a converted checkpoint (`lvm-convert`: timm, open_clip, DINOv2, big_
 
 Tokenizer (built once per task): `config.tokenizer.path` loads a vocabulary file (CLIP's
 bpe_simple_vocab_16e6.txt.gz or a tokenizer.json, or SigLIP's SentencePiece `.model` for a
-converted SigLIP text tower: ids, sticky EOS, EOS padding, with text.pool='last'); otherwise a fresh BPE vocabulary of
-`config.tokenizer.train_vocab_size` is trained on the training captions (deterministic,
-so a resumed run or `lvm-eval` rebuilds the same ids). The text tower's vocabulary is
-padded up to a multiple of `config.tokenizer.pad_vocab_to` so it shards evenly.
+converted SigLIP text tower: ids, sticky EOS, EOS padding, with text.pool='last'); otherwise
+a fresh BPE vocabulary of `config.tokenizer.train_vocab_size` is trained on the training
+captions (deterministic, so a resumed run or `lvm-eval` rebuilds the same ids). The text
+tower's vocabulary is padded up to a multiple of `config.tokenizer.pad_vocab_to` so it shards
+evenly.
 
 Evals (`evaluate`): zero-shot classification (`zeroshot_top1`, `zeroshot_top5`,
 `zeroshot_mean_per_class_recall`) on a labelled split with class names x prompt
@@ -67,8 +68,6 @@ from lvm_jax.data import transforms as T
 from lvm_jax.data.captions import build_captions_source, build_webdataset_source
 from lvm_jax.data.sentencepiece_tokenizer import SentencePieceTokenizer
 from lvm_jax.data.tokenizer import ClipTokenizer, train_bpe
-
-Tokenizer = ClipTokenizer | SentencePieceTokenizer
 from lvm_jax.errors import UserError
 from lvm_jax.evals import retrieval, zeroshot
 from lvm_jax.models import ViT
@@ -87,6 +86,7 @@ for _name, _factory in (("captions", build_captions_source), ("webdataset", buil
         lvm_data.register_source(_name, _factory)
 
 LOSSES = ("softmax", "sigmoid")
+Tokenizer = ClipTokenizer | SentencePieceTokenizer
 
 
 # ----------------------------------------------------------------------------- host transforms
@@ -445,7 +445,7 @@ class ClipTask(Task):
         with sharding.mesh_context(self.mesh):
             for batch in self.eval_batches(source, self.eval_transforms(data_cfg)):
                 out = jax.device_get(fn(params, {k: v for k, v in batch.items() if k in ("image", "tokens")}))
-                valid = np.asarray(sharding.to_host(batch["valid"]))
+                valid = sharding.to_host(batch["valid"])
                 for key in ("label", "id"):
                     if key in batch:
                         out[key] = sharding.to_host(batch[key])
@@ -521,9 +521,6 @@ class ClipTask(Task):
                 print("note: the eval split has no labels, so zero-shot classification is skipped; set "
                       "config.evals.zeroshot_data (e.g. source='folder', path=<ImageNet val>).", file=sys.stderr)
         return results
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 def build_clip(model_cfg: ml_collections.ConfigDict, vocab_size: int, pad_vocab_to: int = 64) -> CLIP:
